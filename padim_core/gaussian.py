@@ -1,0 +1,101 @@
+"""Streaming multivariate Gaussians, one per grid location.
+
+Fitting keeps three running sums per location - count, sum and sum of outer products, all in
+float64 - so memory is fixed by the grid and channel count, never by the number of training
+images, and partial fits from several workers combine by plain addition.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# Locations folded per step in `update`: bounds its temporaries to a few tens of MB.
+_LOCATIONS_PER_STEP = 512
+
+
+@dataclass
+class GaussianAccumulator:
+    """Running sums for `locations` Gaussians over `channels` dimensions."""
+
+    count: int
+    total: torch.Tensor  # [L, C] float64
+    outer: torch.Tensor  # [L, C, C] float64
+
+    @classmethod
+    def empty(cls, locations: int, channels: int, device: torch.device | str = "cpu") -> "GaussianAccumulator":
+        return cls(
+            count=0,
+            total=torch.zeros(locations, channels, dtype=torch.float64, device=device),
+            outer=torch.zeros(locations, channels, channels, dtype=torch.float64, device=device),
+        )
+
+    @property
+    def locations(self) -> int:
+        return self.total.shape[0]
+
+    @property
+    def channels(self) -> int:
+        return self.total.shape[1]
+
+    def update(self, embedding: torch.Tensor) -> "GaussianAccumulator":
+        """Add a batch of embeddings `[B, C, H, W]` (H * W == locations)."""
+        batch, channels = embedding.shape[:2]
+        if channels != self.channels or embedding[0, 0].numel() != self.locations:
+            raise ValueError(
+                f"embedding of shape {tuple(embedding.shape)} does not fit an accumulator of "
+                f"{self.locations} locations x {self.channels} channels"
+            )
+        # Centre on the batch mean in float32 (fast, and accurate because centred values are
+        # small), then fold the batch into the float64 sums, a slice of locations at a time so
+        # the temporaries stay small: sum x x^T = sum (x - m)(x - m)^T + n m m^T.
+        x = embedding.reshape(batch, channels, -1).permute(2, 0, 1).float()  # [L, B, C]
+        batch_mean = x.mean(dim=1, keepdim=True)
+        for start in range(0, self.locations, _LOCATIONS_PER_STEP):
+            part = slice(start, start + _LOCATIONS_PER_STEP)
+            centred = x[part] - batch_mean[part]
+            self.outer[part] += torch.bmm(centred.transpose(1, 2), centred)
+            mean64 = batch_mean[part].double()
+            self.outer[part].baddbmm_(mean64.transpose(1, 2), mean64, alpha=batch)
+        self.total += batch * batch_mean.squeeze(1).double()
+        self.count += batch
+        return self
+
+    def __add__(self, other: "GaussianAccumulator") -> "GaussianAccumulator":
+        if (self.locations, self.channels) != (other.locations, other.channels):
+            raise ValueError(
+                f"cannot merge accumulators of {self.locations}x{self.channels} and "
+                f"{other.locations}x{other.channels} (locations x channels)"
+            )
+        return GaussianAccumulator(
+            count=self.count + other.count,
+            total=self.total + other.total.to(self.total.device),
+            outer=self.outer + other.outer.to(self.outer.device),
+        )
+
+    def finalize(self, regularization: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean `[L, C]` and inverse covariance `[L, C, C]`, both float32.
+
+        The covariance is the unbiased one (divides by n - 1, as the paper and anomalib do)
+        plus `regularization * I`.
+        """
+        if self.count < 2:
+            raise ValueError(f"a covariance needs at least 2 training images, got {self.count}")
+        if regularization < 0:
+            raise ValueError(f"regularization must be >= 0, got {regularization}")
+        mean = self.total / self.count
+        inverse = torch.empty(self.outer.shape, dtype=torch.float32, device=self.outer.device)
+        identity = regularization * torch.eye(self.channels, dtype=torch.float64, device=self.outer.device)
+        for start in range(0, self.locations, _LOCATIONS_PER_STEP):
+            part = slice(start, start + _LOCATIONS_PER_STEP)
+            centred_outer = torch.baddbmm(self.outer[part], mean[part].unsqueeze(2), mean[part].unsqueeze(1), alpha=-self.count)
+            covariance = centred_outer / (self.count - 1) + identity
+            factor, info = torch.linalg.cholesky_ex(covariance)
+            if bool((info > 0).any()):
+                raise ValueError(
+                    "covariance is not positive definite at some grid locations; "
+                    f"raise regularization above {regularization}"
+                )
+            inverse[part] = torch.cholesky_inverse(factor)
+        return mean.float(), inverse

@@ -1,0 +1,210 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from padim_core.backbones import BACKBONES, get_backbone
+from padim_core.config import (
+    ConfigError,
+    DataConfig,
+    ExperimentConfig,
+    PadimConfig,
+    config_from_dict,
+    load_config,
+)
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_defaults_without_a_file():
+    config = load_config()
+    assert config == ExperimentConfig()
+    assert config.padim.backbone == "efficientnet_lite0"
+    assert config.padim.layers == get_backbone("efficientnet_lite0").default_layers
+    assert config.padim.n_features == 100
+    assert config.padim.image_hw == (256, 256)
+    assert config.padim.pretrained is True
+    assert config.data.categories == "all"
+    assert config.fit.num_gpus == "auto"
+    assert config.fit.threshold_quantile == 0.99
+    assert config.tracking.tracking_uri is None
+    assert config.tracking.alias == "champion"
+    assert config.output == "outputs"
+
+
+def test_experiment_config_keeps_the_seed_keys():
+    raw = yaml.safe_load((CONFIGS / "experiment_config.yaml").read_text())
+    assert {key: raw["padim"][key] for key in ("backbone", "layers", "n_features", "distance_metric")} == {
+        "backbone": "resnet50",
+        "layers": ["layer2", "layer3"],
+        "n_features": 100,
+        "distance_metric": "mahalanobis",
+    }
+    config = load_config(CONFIGS / "experiment_config.yaml")
+    assert config.padim.backbone == "resnet50"
+    assert config.padim.layers == ("layer2", "layer3")
+
+
+def test_demo_config_is_offline_efficientnet():
+    config = load_config(CONFIGS / "demo.yaml")
+    assert config.padim.backbone == "efficientnet_lite0"
+    assert config.padim.layers == ("blocks.1", "blocks.2", "blocks.4")
+    assert config.padim.pretrained is True
+    assert config.data.root == "demo_data"
+    assert config.output == "outputs/demo"
+
+
+@pytest.mark.parametrize("name", ["experiment_config.yaml", "demo.yaml"])
+def test_round_trip_through_plain_dict_and_yaml(name):
+    config = load_config(CONFIGS / name)
+    plain = config.to_dict()
+    assert config_from_dict(yaml.safe_load(yaml.safe_dump(plain))) == config
+    assert config_from_dict(plain).to_dict() == plain
+
+
+def test_overrides_are_parsed_as_yaml(tmp_path):
+    config = load_config(
+        CONFIGS / "experiment_config.yaml",
+        [
+            "padim.n_features=50",
+            "padim.layers=[layer1, layer3]",
+            "padim.image_size=[192, 256]",
+            "data.categories=[bottle, cable]",
+            "fit.num_gpus=0.5",
+            "tracking.tracking_uri=http://localhost:5000",
+            "output=elsewhere",
+        ],
+    )
+    assert config.padim.n_features == 50
+    assert config.padim.layers == ("layer1", "layer3")
+    assert config.padim.image_size == (192, 256)
+    assert config.padim.image_hw == (192, 256)
+    assert config.data.categories == ("bottle", "cable")
+    assert config.fit.num_gpus == 0.5
+    assert config.tracking.tracking_uri == "http://localhost:5000"
+    assert config.output == "elsewhere"
+
+
+def test_override_fills_an_empty_section_and_values_are_normalised(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("padim:\n  backbone: resnet18\n  layers: [layer3, layer1]\nfit:\n")
+    config = load_config(path, ["fit.num_cpus=2", "padim.regularization=1", "data.categories=bottle"])
+    assert config.padim.layers == ("layer1", "layer3")  # network order
+    assert config.fit.num_cpus == 2.0 and isinstance(config.fit.num_cpus, float)
+    assert config.padim.regularization == 1.0 and isinstance(config.padim.regularization, float)
+    assert config.data.categories == ("bottle",)
+
+
+def test_layers_default_to_the_backbones_own():
+    for name, spec in BACKBONES.items():
+        assert PadimConfig(backbone=name).layers == spec.default_layers
+
+
+def test_dataclasses_validate_when_built_directly():
+    with pytest.raises(ConfigError, match=r"data\.batch_size"):
+        DataConfig(batch_size=0)
+
+
+BAD_OVERRIDES = [
+    # (override, substrings the message must contain)
+    ("padim.n_featurs=5", ["padim.n_featurs", "unknown key", "n_features", "backbone"]),
+    ("paddim.backbone=resnet18", ["paddim", "unknown section", "padim", "tracking"]),
+    ("padim.n_features=true", ["padim.n_features", "True", "integer"]),
+    ("padim.n_features=12.5", ["padim.n_features", "12.5", "integer"]),
+    ("padim.n_features=0", ["padim.n_features", "0", ">= 1"]),
+    ("padim.n_features=5000", ["padim.n_features", "5000", "embedding size 176", "1 to 176"]),
+    ("padim.backbone=vgg16", ["padim.backbone", "vgg16", "resnet50", "efficientnet_lite0"]),
+    ("padim.layers=[layer2]", ["padim.layers", "layer2", "blocks.1", "blocks.6"]),
+    ("padim.layers=blocks.1", ["padim.layers", "blocks.1", "list"]),
+    ("padim.layers=[]", ["padim.layers", "empty", "blocks.1"]),
+    ("padim.distance_metric=euclidean", ["padim.distance_metric", "euclidean", "mahalanobis"]),
+    ("padim.regularization=-0.1", ["padim.regularization", "-0.1", ">= 0"]),
+    ("padim.regularization=lots", ["padim.regularization", "lots", ">= 0"]),
+    ("padim.image_size=8", ["padim.image_size", "8", ">= 16"]),
+    ("padim.image_size=[256, 256, 3]", ["padim.image_size", "[256, 256, 3]", "[height, width]"]),
+    ("padim.pretrained=no_thanks", ["padim.pretrained", "no_thanks", "true or false"]),
+    ("padim.seed=-1", ["padim.seed", "-1", ">= 0"]),
+    ("data.categories=[]", ["data.categories", "[]", "list"]),
+    ("data.categories=[a, a]", ["data.categories", "repeats", "distinct"]),
+    ("data.batch_size=0", ["data.batch_size", "0", ">= 1"]),
+    ("fit.device=tpu", ["fit.device", "tpu", "auto", "cpu", "cuda"]),
+    ("fit.num_gpus=some", ["fit.num_gpus", "some", "auto"]),
+    ("fit.num_gpus=1.5", ["fit.num_gpus", "1.5", "whole numbers above 1"]),
+    ("fit.num_gpus=-1", ["fit.num_gpus", "-1", ">= 0"]),
+    ("fit.threshold_quantile=0", ["fit.threshold_quantile", "0", "0 < quantile <= 1"]),
+    ("fit.threshold_quantile=1.5", ["fit.threshold_quantile", "1.5", "0 < quantile <= 1"]),
+    ("fit.max_retries=false", ["fit.max_retries", "False", "integer"]),
+    ("scoring.actors=0", ["scoring.actors", "0", ">= 1"]),
+    ("scoring.map_columns=1", ["scoring.map_columns", "1", "true or false"]),
+    ("tracking.alias=latest", ["tracking.alias", "latest", "reserved"]),
+    ("tracking.alias=v3", ["tracking.alias", "v3", "reserved"]),
+    ("tracking.alias=my alias", ["tracking.alias", "my alias", "letters, digits"]),
+    ("tracking.experiment=", ["tracking.experiment", "None", "non-empty string"]),
+    ("output=", ["output", "None", "non-empty string"]),
+    ("padim=5", ["padim", "5", "mapping"]),
+    ("padim.n_features", ["padim.n_features", "malformed", "key.sub=value"]),
+    ("=5", ["=5", "malformed"]),
+    ("output.path=x", ["output", "'path': 'x'", "non-empty string"]),
+    ("data.categories=[a, b", ["data.categories=[a, b", "not valid YAML"]),
+]
+
+
+@pytest.mark.parametrize(("override", "expected"), BAD_OVERRIDES, ids=[case[0] for case in BAD_OVERRIDES])
+def test_bad_values_name_the_key_value_and_what_is_allowed(override, expected):
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, [override])
+    for text in expected:
+        assert text in str(caught.value)
+
+
+def test_cuda_device_needs_gpus():
+    with pytest.raises(ConfigError, match=r"fit\.num_gpus.*cuda"):
+        load_config(None, ["fit.device=cuda", "fit.num_gpus=0"])
+
+
+def test_layers_must_belong_to_the_overridden_backbone():
+    with pytest.raises(ConfigError, match=r"padim\.layers.*layer2.*efficientnet_lite0"):
+        load_config(CONFIGS / "experiment_config.yaml", ["padim.backbone=efficientnet_lite0"])
+    config = load_config(
+        CONFIGS / "experiment_config.yaml", ["padim.backbone=efficientnet_lite0", "padim.layers=[blocks.2]", "padim.n_features=40"]
+    )
+    assert config.padim.layers == ("blocks.2",)
+
+
+def test_override_cannot_descend_into_a_value():
+    with pytest.raises(ConfigError, match=r"output\.path=x.*output is not a section.*padim"):
+        load_config(CONFIGS / "demo.yaml", ["output.path=x"])
+
+
+def test_overrides_must_be_a_list_not_a_string():
+    with pytest.raises(ConfigError, match="overrides"):
+        load_config(None, "padim.n_features=5")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("padim: [unclosed\n", "invalid YAML"),
+        ("- just\n- a list\n", "expected a mapping"),
+        ("", "expected a mapping"),
+    ],
+)
+def test_bad_files_name_the_file(tmp_path, text, expected):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert str(path) in str(caught.value) and expected in str(caught.value)
+
+
+def test_missing_file_names_the_file(tmp_path):
+    path = tmp_path / "absent.yaml"
+    with pytest.raises(ConfigError, match="absent.yaml.*cannot be read"):
+        load_config(path)
+
+
+def test_config_from_dict_rejects_non_mappings():
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        config_from_dict(["padim"])
+    with pytest.raises(ConfigError, match=r"data: expected a mapping"):
+        config_from_dict({"data": "demo_data"})
