@@ -116,7 +116,7 @@ class PadimConfig(_Section):
         except BackboneError as error:
             raise ConfigError(f"padim.backbone: {error}") from None
         layers = spec.default_layers if self.layers is None else self.layers
-        if not isinstance(layers, (list, tuple)):
+        if not isinstance(layers, (list, tuple)) or not all(isinstance(layer, str) for layer in layers):
             raise ConfigError(
                 f"padim.layers: expected a list of layer names, got {_describe(layers)}; "
                 f"allowed for {spec.name}: {list(spec.layers)}"

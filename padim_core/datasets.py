@@ -57,7 +57,9 @@ class MvtecCategory:
         root = Path(folder)
         train_folder = root / "train" / NORMAL_DEFECT
         if not train_folder.is_dir():
-            raise DatasetError(f"{root} is not an MVTec category: {train_folder} is missing (expected {EXPECTED_LAYOUT})")
+            raise DatasetError(
+                f"{root} is not an MVTec category: {train_folder} is missing (expected {EXPECTED_LAYOUT})"
+            )
         train_images = tuple(list_images(train_folder))
         if not train_images:
             raise DatasetError(f"no training images in {train_folder}")

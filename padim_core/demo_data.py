@@ -58,16 +58,18 @@ def build_demo_dataset(
     """
     output = Path(output)
     _check_counts(train=train, test_good=test_good, test_defect=test_defect, size=size, seed=seed)
-    if output.exists() and not overwrite and (not output.is_dir() or any(output.iterdir())):
-        raise FileExistsError(f"output {output} already exists and is not an empty folder; pass overwrite=True (--overwrite) to replace it")
     if output.exists() and not output.is_dir():
         raise FileExistsError(f"output {output} exists and is not a folder")
+    if output.exists() and any(output.iterdir()) and not overwrite:
+        raise FileExistsError(f"output folder {output} is not empty; pass overwrite=True (--overwrite) to replace it")
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}-", suffix=".partial", dir=output.parent))
     try:
         for category_index, (category, tint) in enumerate(TEXTURE_TINTS.items()):
             photo = getattr(skimage.data, category)()
-            _write_category(staging / category, photo, np.array(tint), category_index, train, test_good, test_defect, size, seed)
+            _write_category(
+                staging / category, photo, np.array(tint), (seed, category_index), train, test_good, test_defect, size
+            )
         _move_into_place(staging, output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -76,6 +78,7 @@ def build_demo_dataset(
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line; returns the exit status (argument errors and a refused output exit with 2)."""
     parser = argparse.ArgumentParser(
         prog="python -m padim_core.demo_data", description="Build a small MVTec-style demo data set offline."
     )
@@ -90,25 +93,38 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         output = build_demo_dataset(
-            args.output, train=args.train, test_good=args.test_good, test_defect=args.test_defect,
-            size=args.size, seed=args.seed, overwrite=args.overwrite,
+            args.output,
+            train=args.train,
+            test_good=args.test_good,
+            test_defect=args.test_defect,
+            size=args.size,
+            seed=args.seed,
+            overwrite=args.overwrite,
         )
     except FileExistsError as error:
         parser.exit(2, f"error: {error}\n")
     print(f"demo data set written to {output.resolve()} in {time.perf_counter() - started:.1f} s")
     print(f"  categories: {', '.join(TEXTURE_TINTS)} ({args.size}x{args.size} px)")
-    print(f"  per category: {args.train} train, {args.test_good} test good, "
-          f"{args.test_defect} test per defect type ({', '.join(DEFECTS)}) with masks")
+    print(
+        f"  per category: {args.train} train, {args.test_good} test good, "
+        f"{args.test_defect} test per defect type ({', '.join(DEFECTS)}) with masks"
+    )
     return 0
 
 
 def _write_category(
-    folder: Path, photo: np.ndarray, tint: np.ndarray, category_index: int,
-    train: int, test_good: int, test_defect: int, size: int, seed: int,
+    folder: Path,
+    photo: np.ndarray,
+    tint: np.ndarray,
+    key: tuple[int, int],
+    train: int,
+    test_good: int,
+    test_defect: int,
+    size: int,
 ) -> None:
     def generator(split: int, index: int) -> np.random.Generator:
-        # one stream per image: changing a count never changes the other images
-        return np.random.default_rng([seed, category_index, split, index])
+        # one stream per (seed, category, split, image): changing a count never changes other images
+        return np.random.default_rng([*key, split, index])
 
     for index in range(train):
         _save(folder / "train" / "good" / f"{index:03d}.png", _normal_crop(photo, tint, size, generator(0, index)))

@@ -47,18 +47,21 @@ class GaussianAccumulator:
                 f"embedding of shape {tuple(embedding.shape)} does not fit an accumulator of "
                 f"{self.locations} locations x {self.channels} channels"
             )
-        # Centre on the batch mean in float32 (fast, and accurate because centred values are
-        # small), then fold the batch into the float64 sums, a slice of locations at a time so
-        # the temporaries stay small: sum x x^T = sum (x - m)(x - m)^T + n m m^T.
+        # Centre on the batch mean `a` in float32 (fast, and accurate because centred values are
+        # small), then fold the batch into the float64 sums exactly, with s = sum x:
+        # sum x x^T = sum (x - a)(x - a)^T + a s^T + s a^T - n a a^T.
+        # A slice of locations at a time keeps the temporaries to a few tens of MB.
         x = embedding.reshape(batch, channels, -1).permute(2, 0, 1).float()  # [L, B, C]
-        batch_mean = x.mean(dim=1, keepdim=True)
+        shift = x.mean(dim=1, keepdim=True)
+        total = x.sum(dim=1, keepdim=True, dtype=torch.float64)  # [L, 1, C]
         for start in range(0, self.locations, _LOCATIONS_PER_STEP):
             part = slice(start, start + _LOCATIONS_PER_STEP)
-            centred = x[part] - batch_mean[part]
+            centred = x[part] - shift[part]
             self.outer[part] += torch.bmm(centred.transpose(1, 2), centred)
-            mean64 = batch_mean[part].double()
-            self.outer[part].baddbmm_(mean64.transpose(1, 2), mean64, alpha=batch)
-        self.total += batch * batch_mean.squeeze(1).double()
+            a, s = shift[part].double(), total[part]
+            self.outer[part].baddbmm_(a.transpose(1, 2), s).baddbmm_(s.transpose(1, 2), a)
+            self.outer[part].baddbmm_(a.transpose(1, 2), a, alpha=-batch)
+        self.total += total.squeeze(1)
         self.count += batch
         return self
 

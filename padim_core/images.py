@@ -14,7 +14,7 @@ from typing import Sequence, Union
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
@@ -76,6 +76,9 @@ def decode_image(
         return _to_rgb(image)
     except ImageDecodeError as error:
         raise ImageDecodeError(f"cannot decode image {label}: {error}") from None
+    except UnidentifiedImageError as error:
+        # PIL's own message repeats the source (as an object repr for bytes): say what went wrong
+        raise ImageDecodeError(f"cannot decode image {label}: empty, or not in a format PIL can read") from error
     except _DECODE_ERRORS as error:
         raise ImageDecodeError(f"cannot decode image {label}: {error}") from error
 
@@ -145,15 +148,13 @@ def _describe(source: object) -> str:
     return f"<{type(source).__name__}>"
 
 
-def _open(source: str | Path | bytes | bytearray | memoryview, draft_size: int | None, max_pixels: int) -> Image.Image:
+def _open(source: ImageSource, draft_size: int | None, max_pixels: int) -> Image.Image:
     if isinstance(source, (str, Path)):
         file = source
     elif isinstance(source, (bytes, bytearray, memoryview)):
         file = io.BytesIO(source)
     else:
-        raise ImageDecodeError(
-            f"expected a path, bytes, a PIL image or a numpy array, got {type(source).__name__}"
-        )
+        raise ImageDecodeError(f"expected a path, bytes, a PIL image or a numpy array, got {type(source).__name__}")
     with Image.open(file) as image:
         _check_size(image, max_pixels)
         if draft_size is not None:
@@ -219,7 +220,11 @@ def _image_from_array(array: np.ndarray) -> Image.Image:
 
 def _check_shape(size: int | tuple[int, int]) -> tuple[int, int]:
     """`size` as (height, width) of positive ints; a single int means a square."""
-    shape = (size, size) if isinstance(size, (int, np.integer)) else tuple(size)
-    if len(shape) != 2 or not all(isinstance(s, (int, np.integer)) and s > 0 for s in shape):
+    shape = (size, size) if isinstance(size, (int, np.integer)) else size
+    if not (isinstance(shape, (tuple, list)) and len(shape) == 2 and all(map(_is_side, shape))):
         raise ValueError(f"size must be a positive int or a (height, width) pair of them, got {size!r}")
     return int(shape[0]), int(shape[1])
+
+
+def _is_side(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value > 0

@@ -33,8 +33,7 @@ def _require_both_classes(labels: np.ndarray, what: str, unit: str = "images") -
     n_normal = labels.size - n_anomalous
     if n_anomalous == 0 or n_normal == 0:
         raise ValueError(
-            f"{what} needs both normal and anomalous {unit}; "
-            f"got {n_normal} normal and {n_anomalous} anomalous"
+            f"{what} needs both normal and anomalous {unit}; got {n_normal} normal and {n_anomalous} anomalous {unit}"
         )
 
 
@@ -77,7 +76,10 @@ def aupro(masks: Any, maps: Any, fpr_limit: float = 0.3) -> float:
         raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
     metric = AUPRO(fields=("anomaly_map", "gt_mask"), fpr_limit=fpr_limit)
     # AnomalibMetric reads the named fields off any batch-like object.
-    metric.update(SimpleNamespace(anomaly_map=torch.from_numpy(maps), gt_mask=torch.from_numpy(masks)))
+    batch = SimpleNamespace(
+        anomaly_map=torch.from_numpy(np.ascontiguousarray(maps)), gt_mask=torch.from_numpy(np.ascontiguousarray(masks))
+    )
+    metric.update(batch)
     return float(metric.compute())
 
 

@@ -116,6 +116,7 @@ BAD_OVERRIDES = [
     ("padim.backbone=vgg16", ["padim.backbone", "vgg16", "resnet50", "efficientnet_lite0"]),
     ("padim.layers=[layer2]", ["padim.layers", "layer2", "blocks.1", "blocks.6"]),
     ("padim.layers=blocks.1", ["padim.layers", "blocks.1", "list"]),
+    ("padim.layers=[[layer2]]", ["padim.layers", "[['layer2']]", "blocks.1"]),
     ("padim.layers=[]", ["padim.layers", "empty", "blocks.1"]),
     ("padim.distance_metric=euclidean", ["padim.distance_metric", "euclidean", "mahalanobis"]),
     ("padim.regularization=-0.1", ["padim.regularization", "-0.1", ">= 0"]),
@@ -165,9 +166,8 @@ def test_cuda_device_needs_gpus():
 def test_layers_must_belong_to_the_overridden_backbone():
     with pytest.raises(ConfigError, match=r"padim\.layers.*layer2.*efficientnet_lite0"):
         load_config(CONFIGS / "experiment_config.yaml", ["padim.backbone=efficientnet_lite0"])
-    config = load_config(
-        CONFIGS / "experiment_config.yaml", ["padim.backbone=efficientnet_lite0", "padim.layers=[blocks.2]", "padim.n_features=40"]
-    )
+    overrides = ["padim.backbone=efficientnet_lite0", "padim.layers=[blocks.2]", "padim.n_features=40"]
+    config = load_config(CONFIGS / "experiment_config.yaml", overrides)
     assert config.padim.layers == ("blocks.2",)
 
 
