@@ -169,7 +169,7 @@ class PadimModel:
         return self
 
     def _anomaly_scorer(self) -> AnomalyScorer:
-        return AnomalyScorer(self.mean, self.inv_covariance, self.image_size, self.blur_sigma)
+        return AnomalyScorer(self.mean, self.inv_covariance, self.grid_shape, self.image_size, self.blur_sigma)
 
     def _check_images(self, images: torch.Tensor) -> torch.Tensor:
         if images.ndim != 4 or images.shape[1] != 3 or tuple(images.shape[2:]) != self.image_size:

@@ -166,3 +166,17 @@ def test_model_files_hold_no_pickle(fitted, tmp_path):
     header_size = struct.unpack("<Q", path.read_bytes()[:8])[0]
     header = json.loads(path.read_bytes()[8 : 8 + header_size])
     assert {key for key in header if key != "__metadata__"} == {"mean", "inv_covariance", "channel_index"}
+
+
+@pytest.mark.parametrize("sigma", [0.0, 4.0])
+def test_matrix_upsample_and_blur_equal_interpolate_then_torchvision_blur(sigma):
+    from torchvision.transforms.v2.functional import gaussian_blur
+
+    from padim_core.anomaly_map import blur_kernel_size, resize_and_blur_matrix
+
+    distances = torch.rand(2, 1, 16, 12, generator=torch.Generator().manual_seed(0))
+    expected = torch.nn.functional.interpolate(distances, size=(64, 48), mode="bilinear", align_corners=False)
+    if sigma:
+        expected = gaussian_blur(expected, kernel_size=[blur_kernel_size(sigma)] * 2, sigma=[sigma] * 2)
+    rows, columns = resize_and_blur_matrix(16, 64, sigma), resize_and_blur_matrix(12, 48, sigma)
+    torch.testing.assert_close(rows @ distances[:, 0] @ columns.t(), expected[:, 0], rtol=1e-5, atol=1e-6)
