@@ -131,6 +131,17 @@ def evaluate_category(category: MvtecCategory, config: ExperimentConfig, device:
 
 
 def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MB.
+
+    Read from /proc's VmHWM where there is one: unlike `ru_maxrss`, it is not inherited from the
+    parent across fork and exec, so a benchmark's child process reports only its own peak.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
