@@ -194,6 +194,7 @@ def test_ray_job_submit_fits_categories_into_an_mlflow_server(tmp_path: Path, mo
             # What the MLflow server holds, read back over HTTP. `models:/` URIs resolve through
             # the default registry, which follows MLFLOW_TRACKING_URI (else ./mlflow.db).
             monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+            monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
             client = MlflowClient(uri)
             experiment = client.get_experiment_by_name("padim-e2e")
             assert experiment.artifact_location.startswith("mlflow-artifacts:")
