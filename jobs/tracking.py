@@ -20,6 +20,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import warnings
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Mapping
@@ -28,6 +29,8 @@ import mlflow
 import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 DATABASE_NAME = "mlflow.db"
@@ -221,13 +224,16 @@ def log_pyfunc_model(
     block ends the run as FINISHED, or FAILED on an exception: call this last.
     """
     mlflow.set_tracking_uri(tracking_uri)
-    with mlflow.start_run(run_id=run_id):
+    with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+        # An input example would have to be an image file that exists wherever the model goes.
+        warnings.filterwarnings("ignore", message=".*input example was not provided", category=UserWarning)
         info = mlflow.pyfunc.log_model(
             name=MODEL_ARTIFACT,
             python_model=PadimPyfuncModel(),
             artifacts={MODEL_ARTIFACT: str(model_file)},
             code_paths=_code_paths(),
             pip_requirements=_pinned_requirements(),
+            signature=PYFUNC_SIGNATURE,
             registered_model_name=registered_model_name,
         )
     version = info.registered_model_version
@@ -254,6 +260,14 @@ def _pinned_requirements() -> list[str]:
         except metadata.PackageNotFoundError:
             requirements.append(name)
     return requirements
+
+
+# No input schema: the `image` column holds paths or bytes, which one MLflow column type cannot
+# say. The outputs and the `batch_size` param are declared (undeclared params are dropped).
+PYFUNC_SIGNATURE = ModelSignature(
+    outputs=Schema([ColSpec("float", "image_score"), ColSpec("boolean", "is_anomalous"), ColSpec("string", "error")]),
+    params=ParamSchema([ParamSpec("batch_size", "long", 32)]),
+)
 
 
 class PadimPyfuncModel(mlflow.pyfunc.PythonModel):

@@ -13,15 +13,14 @@ def blur_kernel_size(sigma: float) -> int:
 
 
 def mahalanobis_distance(embedding: torch.Tensor, mean: torch.Tensor, inv_covariance: torch.Tensor) -> torch.Tensor:
-    """Distance `[B, h, w]` of each patch of `embedding [B, C, h, w]` to its location's Gaussian.
+    """Distance `[B, h, w]` of each patch of `embedding [h, w, B, C]` to its location's Gaussian.
 
     One batched matrix product per location (`[L, B, C] @ [L, C, C]`): the inverse covariance is
     read once per batch, not once per image. Squared distances that rounding pushes below zero
     are clamped before the square root.
     """
-    batch, channels, height, width = embedding.shape
-    patches = embedding.reshape(batch, channels, height * width).permute(2, 0, 1).contiguous()
-    delta = patches - mean.unsqueeze(1)
+    height, width, batch, channels = embedding.shape
+    delta = embedding.reshape(height * width, batch, channels) - mean.unsqueeze(1)
     squared = torch.linalg.vecdot(torch.bmm(delta, inv_covariance), delta)  # [L, B]
     return squared.clamp_min(0).sqrt().t().reshape(batch, height, width)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from padim_core.backbones import FeatureExtractor, get_backbone
@@ -19,12 +18,19 @@ def random_channel_index(embedding_size: int, n_features: int, seed: int) -> tor
     return torch.randperm(embedding_size, generator=generator)[:n_features].sort().values
 
 
-class PatchEmbedder(nn.Module):
-    """Images `[B, 3, H, W]` -> embeddings `[B, n_features, h, w]` on the first layer's grid.
+def nearest_index(source: int, target: int) -> torch.Tensor:
+    """Source rows that nearest-neighbour resizing picks for each target row (as `interpolate` does)."""
+    return (torch.arange(target, dtype=torch.float64) * (source / target)).floor().long().clamp_max(source - 1)
 
-    Channels are selected per layer before upsampling, so unused channels are never upsampled or
-    concatenated. The result equals concatenating every layer (nearest-neighbour upsampled, as
-    anomalib does) and then taking `channel_index`.
+
+class PatchEmbedder(nn.Module):
+    """Images `[B, 3, H, W]` -> patch embeddings `[h, w, B, n_features]` on the first layer's grid.
+
+    Patch-major output is the layout both the Gaussian fit and the Mahalanobis distance want
+    (one `[B, C]` matrix per location), so it is produced directly: channels are selected and
+    deeper layers nearest-upsampled (row and column gathers) per layer, then one concatenation
+    writes the result. The numbers equal anomalib's - upsample every layer, concatenate, take
+    `channel_index` - permuted to `[h, w, B, C]`.
     """
 
     def __init__(
@@ -42,7 +48,6 @@ class PatchEmbedder(nn.Module):
         starts = [0]
         for size in sizes:
             starts.append(starts[-1] + size)
-        self.n_layers = len(sizes)
         for i, (layer_start, layer_end) in enumerate(zip(starts[:-1], starts[1:])):
             chosen = channel_index[(channel_index >= layer_start) & (channel_index < layer_end)] - layer_start
             self.register_buffer(f"index_{i}", chosen)
@@ -50,14 +55,16 @@ class PatchEmbedder(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         features = self.extractor(images)
-        grid = features[0].shape[-2:]
+        height, width = features[0].shape[-2:]
         parts = []
         for i, feature in enumerate(features):
             index = getattr(self, f"index_{i}")
             if index.numel() == 0:
                 continue
-            selected = feature.index_select(1, index)
-            if selected.shape[-2:] != grid:
-                selected = F.interpolate(selected, size=grid, mode="nearest")
+            selected = feature.index_select(1, index).permute(2, 3, 0, 1)  # [h_i, w_i, B, c_i]
+            if selected.shape[0] != height:
+                selected = selected.index_select(0, nearest_index(selected.shape[0], height).to(selected.device))
+            if selected.shape[1] != width:
+                selected = selected.index_select(1, nearest_index(selected.shape[1], width).to(selected.device))
             parts.append(selected)
-        return torch.cat(parts, dim=1)
+        return torch.cat(parts, dim=3)

@@ -39,18 +39,18 @@ class GaussianAccumulator:
     def channels(self) -> int:
         return self.total.shape[1]
 
-    def update(self, embedding: torch.Tensor) -> "GaussianAccumulator":
-        """Add a batch of embeddings `[B, C, H, W]` (H * W == locations)."""
-        batch, channels = embedding.shape[:2]
-        if channels != self.channels or embedding[0, 0].numel() != self.locations:
+    def update(self, patches: torch.Tensor) -> "GaussianAccumulator":
+        """Add a batch of patch embeddings `[L, B, C]` (one `[B, C]` matrix per location)."""
+        if patches.ndim != 3 or patches.shape[0] != self.locations or patches.shape[2] != self.channels:
             raise ValueError(
-                f"embedding of shape {tuple(embedding.shape)} does not fit an accumulator of "
-                f"{self.locations} locations x {self.channels} channels"
+                f"patches of shape {tuple(patches.shape)} do not fit an accumulator of "
+                f"{self.locations} locations x {self.channels} channels ([L, B, C] expected)"
             )
+        batch = patches.shape[1]
         # Raw float64 sums, as the accumulator promises; one in-place batched product per slice
         # of locations (float64 baddbmm runs as fast as a float32 bmm followed by a mixed-type
         # add, and the slices keep temporaries to a few tens of MB).
-        x = embedding.reshape(batch, channels, -1).permute(2, 0, 1)  # [L, B, C]
+        x = patches
         for start in range(0, self.locations, _LOCATIONS_PER_STEP):
             part = x[start : start + _LOCATIONS_PER_STEP].to(torch.float64, memory_format=torch.contiguous_format)
             self.outer[start : start + _LOCATIONS_PER_STEP].baddbmm_(part.transpose(1, 2), part)

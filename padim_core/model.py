@@ -92,7 +92,7 @@ class PadimModel:
         return self.mean is not None
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """Patch embeddings `[B, n_features, h, w]` of normalised images `[B, 3, H, W]`."""
+        """Patch embeddings `[h, w, B, n_features]` of normalised images `[B, 3, H, W]`."""
         images = self._check_images(images)
         if self._fast_embedder is None:
             self._fast_embedder = optimize_for_inference(self.embedder, images)
@@ -104,11 +104,11 @@ class PadimModel:
         accumulator = into
         for batch in batches:
             embedding = self.embed(batch)
+            height, width, batch, channels = embedding.shape
             if accumulator is None:
-                channels, height, width = embedding.shape[1:]
                 accumulator = GaussianAccumulator.empty(height * width, channels, device=embedding.device)
                 self.grid_shape = (height, width)
-            accumulator.update(embedding)
+            accumulator.update(embedding.reshape(height * width, batch, channels))
         if accumulator is None:
             raise ValueError("fit needs at least one batch of training images, got none")
         return accumulator

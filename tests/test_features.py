@@ -31,8 +31,17 @@ def test_selection_before_upsampling_equals_concatenate_then_select():
         features = embedder.extractor(images)
         grid = features[0].shape[-2:]
         full = torch.cat([features[0]] + [F.interpolate(f, size=grid, mode="nearest") for f in features[1:]], 1)
-        expected = full.index_select(1, index)
+        expected = full.index_select(1, index).permute(2, 3, 0, 1)  # [h, w, B, C]
         assert torch.equal(embedder(images), expected)
+
+
+@pytest.mark.parametrize(("source", "target"), [(16, 64), (7, 25), (13, 25), (25, 25)])
+def test_nearest_index_matches_interpolate(source, target):
+    from padim_core.features import nearest_index
+
+    rows = torch.arange(source, dtype=torch.float32).view(1, 1, source, 1)
+    expected = F.interpolate(rows, size=(target, 1), mode="nearest").flatten().long()
+    assert torch.equal(nearest_index(source, target), expected)
 
 
 def test_unsorted_or_out_of_range_index_is_rejected():

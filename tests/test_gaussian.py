@@ -8,23 +8,24 @@ import torch
 from padim_core.gaussian import GaussianAccumulator
 
 
-def _embeddings(n: int = 40, channels: int = 6, height: int = 30, width: int = 25) -> torch.Tensor:
+def _embeddings(n: int = 40, channels: int = 6, locations: int = 750) -> torch.Tensor:
+    """Patch embeddings `[L, B, C]`."""
     generator = torch.Generator().manual_seed(0)
     # A large offset makes naive one-pass variance formulas lose precision; ours must not.
-    return torch.randn(n, channels, height, width, generator=generator) * 2 + 50
+    return torch.randn(locations, n, channels, generator=generator) * 2 + 50
 
 
 def _direct(x: torch.Tensor, regularization: float) -> tuple[torch.Tensor, torch.Tensor]:
-    vectors = x.reshape(x.shape[0], x.shape[1], -1).permute(2, 0, 1).double()
+    vectors = x.double()
     covariance = torch.stack([torch.cov(v.T) for v in vectors])
-    covariance += regularization * torch.eye(x.shape[1], dtype=torch.float64)
+    covariance += regularization * torch.eye(x.shape[2], dtype=torch.float64)
     return vectors.mean(1), torch.linalg.inv(covariance)
 
 
 def test_batches_of_any_size_give_the_direct_mean_and_inverse_covariance():
     x = _embeddings()
     accumulator = GaussianAccumulator.empty(30 * 25, 6)
-    for part in (x[:1], x[1:17], x[17:]):
+    for part in (x[:, :1], x[:, 1:17], x[:, 17:]):
         accumulator.update(part)
     mean, inverse = accumulator.finalize(0.01)
     expected_mean, expected_inverse = _direct(x, 0.01)
@@ -37,7 +38,7 @@ def test_batches_of_any_size_give_the_direct_mean_and_inverse_covariance():
 def test_accumulators_merge_by_addition():
     x = _embeddings()
     whole = GaussianAccumulator.empty(750, 6).update(x)
-    merged = GaussianAccumulator.empty(750, 6).update(x[:13]) + GaussianAccumulator.empty(750, 6).update(x[13:])
+    merged = GaussianAccumulator.empty(750, 6).update(x[:, :13]) + GaussianAccumulator.empty(750, 6).update(x[:, 13:])
     assert merged.count == whole.count
     torch.testing.assert_close(merged.total, whole.total)
     torch.testing.assert_close(merged.outer, whole.outer, rtol=1e-9, atol=1e-6)
@@ -63,8 +64,8 @@ def test_regularization_is_added_to_the_diagonal():
 
 def test_bad_inputs_are_clear_errors():
     accumulator = GaussianAccumulator.empty(750, 6)
-    with pytest.raises(ValueError, match=r"does not fit an accumulator of 750 locations x 6 channels"):
-        accumulator.update(torch.zeros(2, 5, 30, 25))
+    with pytest.raises(ValueError, match=r"do not fit an accumulator of 750 locations x 6 channels"):
+        accumulator.update(torch.zeros(750, 2, 5))
     accumulator.update(_embeddings(1))
     with pytest.raises(ValueError, match="at least 2 training images, got 1"):
         accumulator.finalize()

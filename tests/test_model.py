@@ -55,14 +55,14 @@ def test_training_images_score_lower_than_noise(fitted):
 
 def test_mahalanobis_distance_matches_the_definition():
     generator = torch.Generator().manual_seed(0)
-    embedding = torch.randn(2, 4, 3, 5, generator=generator)
+    embedding = torch.randn(3, 5, 2, 4, generator=generator)  # [h, w, B, C]
     mean = torch.randn(15, 4, generator=generator)
     root = torch.randn(15, 4, 4, generator=generator)
     inverse = root @ root.transpose(1, 2) + torch.eye(4)
     distances = mahalanobis_distance(embedding, mean, inverse)
     for b in range(2):
         for location in range(15):
-            delta = embedding[b, :, location // 5, location % 5] - mean[location]
+            delta = embedding[location // 5, location % 5, b] - mean[location]
             expected = torch.sqrt(delta @ inverse[location] @ delta)
             torch.testing.assert_close(distances[b, location // 5, location % 5], expected)
 
@@ -75,7 +75,10 @@ def test_predict_one_accepts_paths_pil_images_and_arrays(fitted, tmp_path):
     from_pil = fitted.predict_one(Image.fromarray(array))
     from_array = fitted.predict_one(array)
     assert isinstance(from_path[0], float) and from_path[1].shape == (SIZE, SIZE)
-    assert from_path[0] == pytest.approx(from_pil[0]) == pytest.approx(from_array[0])
+    assert from_pil[0] == from_array[0]
+    assert fitted.predict_one(path.read_bytes())[0] == from_path[0]
+    # PNG files decode through libpng, PIL images through PIL: within a grey level of each other.
+    assert from_path[0] == pytest.approx(from_pil[0], rel=1e-2)
 
 
 def test_bad_calls_are_clear_errors(fitted):
