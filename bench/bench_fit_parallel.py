@@ -1,9 +1,10 @@
 """Fit tasks one at a time versus side by side: does running categories in parallel pay off?
 
-    python bench/bench_fit_parallel.py [--train 24] [--size 128] [--image-size 128] [--repeats 1]
+    python bench/bench_fit_parallel.py [--copies 2] [--train 24] [--size 128] [--image-size 128] [--repeats 1]
 
-Builds the offline demo data set (brick, grass, gravel), starts an embedded Ray with 2 CPUs
-and runs jobs.fit's own task (fit, evaluate, pictures, MLflow logging into a scratch SQLite
+Builds the offline demo data set (brick, grass, gravel; each copied `--copies` times so the
+category count is even and neither mode is left with one task running alone at the end),
+starts an embedded Ray with 2 CPUs and runs jobs.fit's own task (fit, evaluate, pictures, MLflow logging into a scratch SQLite
 store, model registration) for every category, twice over:
 
   serial:   num_cpus=2 per task, so one task runs at a time, with 2 torch threads
@@ -16,6 +17,7 @@ and prints both wall times and their ratio. Workers are warmed up first (imports
 from __future__ import annotations
 
 import argparse
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -65,16 +67,21 @@ def run_mode(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--copies", type=int, default=2, help="copies of each demo category")
     parser.add_argument("--train", type=int, default=24, help="training images per category")
     parser.add_argument("--size", type=int, default=128, help="demo image side in pixels")
     parser.add_argument("--image-size", type=int, default=128, help="padim.image_size")
     parser.add_argument("--repeats", type=int, default=1, help="runs per mode; the best is kept")
     args = parser.parse_args()
 
-    categories = list(TEXTURE_TINTS)
     with tempfile.TemporaryDirectory(prefix="bench-fit-") as scratch:
         folder = Path(scratch)
         data = build_demo_dataset(folder / "data", train=args.train, test_good=6, test_defect=2, size=args.size)
+        categories = list(TEXTURE_TINTS)
+        for name in TEXTURE_TINTS:
+            for copy in range(1, args.copies):
+                shutil.copytree(data / name, data / f"{name}_{copy}")
+                categories.append(f"{name}_{copy}")
         config = load_config(REPO / "configs" / "demo.yaml", [f"padim.image_size={args.image_size}", "fit.heatmap_examples=2"])
         uri = f"sqlite:///{folder / 'mlflow.db'}"
         client = MlflowClient(uri)

@@ -14,6 +14,7 @@ driver writes `OUTPUT/metrics.json`, prints a table, and exits 1 if any category
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -305,23 +306,33 @@ def run(config: ExperimentConfig, config_file: Path) -> int:
             pending[task.options(**options).remote(request)] = name
         results = _collect(pending, client, child_ids)
     except BaseException as error:
+        # Interrupted or broken before every task reported: close the runs still RUNNING.
         status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
         for run_id in [*child_ids.values(), *([parent_id] if parent_id else [])]:
-            if client.get_run(run_id).info.status == "RUNNING":
-                tracking.end_run(client, run_id, status)
+            with contextlib.suppress(Exception):  # best effort: the original error matters more
+                if client.get_run(run_id).info.status == "RUNNING":
+                    tracking.end_run(client, run_id, status)
         raise
     finally:
         ray.shutdown()
         _remove_stale_temporaries(models_dir, categories)
 
-    ordered = [results[name] for name in categories]
-    failed = [result for result in ordered if result["status"] != OK]
     summary = {
         "experiment": config.tracking.experiment, "experiment_id": experiment_id, "parent_run_id": parent_id,
         "tracking_uri": uri, "config": str(config_file.resolve()), "data_root": str(root), "device": device,
-        "num_gpus_per_task": num_gpus, "seconds": time.perf_counter() - began,
-        "categories": {result["category"]: result for result in ordered},
+        "num_gpus_per_task": num_gpus,
     }
+    failed = _finish([results[name] for name in categories], summary, output, client, began)
+    return 1 if failed else 0
+
+
+def _finish(
+    ordered: list[dict[str, Any]], summary: dict[str, Any], output: Path, client: MlflowClient, began: float
+) -> list[dict[str, Any]]:
+    """Write metrics.json, close the parent run, print the table and where everything is; returns the failures."""
+    failed = [result for result in ordered if result["status"] != OK]
+    parent_id = summary["parent_run_id"]
+    summary.update(seconds=time.perf_counter() - began, categories={result["category"]: result for result in ordered})
     write_json(output / "metrics.json", summary)
     aurocs = [result["image_auroc"] for result in ordered if result["image_auroc"] is not None]
     tracking.log_values(client, parent_id, metrics={
@@ -330,20 +341,20 @@ def run(config: ExperimentConfig, config_file: Path) -> int:
     })
     client.log_artifact(parent_id, str(output / "metrics.json"))
     if failed:
-        tracking.fail_run(client, parent_id, f"{len(failed)} of {len(ordered)} categories failed: "
-                          + ", ".join(result["category"] for result in failed))
+        names = ", ".join(result["category"] for result in failed)
+        tracking.fail_run(client, parent_id, f"{len(failed)} of {len(ordered)} categories failed: {names}")
     else:
         tracking.end_run(client, parent_id)
 
     print()
     print(format_table(ordered))
     print()
-    print(f"models:  {models_dir} ({len(ordered) - len(failed)} of {len(ordered)} categories)")
+    print(f"models:  {output / 'models'} ({len(ordered) - len(failed)} of {len(ordered)} categories)")
     print(f"metrics: {output / 'metrics.json'}")
-    print(f"MLflow:  experiment {config.tracking.experiment!r} (id {experiment_id}), parent run {parent_id}")
-    print(f"view:    {tracking.ui_hint(uri, experiment_id, parent_id)}")
+    print(f"MLflow:  experiment {summary['experiment']!r} (id {summary['experiment_id']}), parent run {parent_id}")
+    print(f"view:    {tracking.ui_hint(summary['tracking_uri'], summary['experiment_id'], parent_id)}")
     print(f"done in {time.perf_counter() - began:.1f} s" + (f"; {len(failed)} categories FAILED" if failed else ""), flush=True)
-    return 1 if failed else 0
+    return failed
 
 
 def _collect(pending: dict[Any, str], client: MlflowClient, child_ids: dict[str, str]) -> dict[str, dict[str, Any]]:
@@ -412,7 +423,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     print(f"jobs.fit: warning: {label} {path!r} is relative to the job's working-dir copy "
                           f"({os.getcwd()}); pass an absolute path", file=sys.stderr, flush=True)
         return run(config, args.config)
-    except (ConfigError, DatasetError, tracking.TrackingError, ValueError) as error:
+    except (ConfigError, DatasetError, tracking.TrackingError, ValueError, ConnectionError) as error:
+        # Nothing was fitted: a bad config, data root, tracking store, GPU request or Ray address.
         print(f"jobs.fit: error: {error}", file=sys.stderr, flush=True)
         return 2
 

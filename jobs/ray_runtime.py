@@ -8,6 +8,7 @@ laptop with nothing running.
 from __future__ import annotations
 
 import os
+import socket
 
 import ray
 
@@ -28,10 +29,32 @@ def connect(num_cpus: int | None = None) -> str:
     """
     address = os.environ.get("RAY_ADDRESS")
     if address:
+        check_reachable(address)
         ray.init(address=address)
         return f"Ray cluster at {address}"
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
     return f"embedded local Ray ({int(ray.cluster_resources().get('CPU', 0))} CPUs)"
+
+
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """One TCP connect to `host:port` (or `ray://host:port`): `ray.init` would otherwise retry a
+    dead address for minutes. Other forms ('auto') are left to Ray."""
+    if address.startswith(("http://", "https://")):
+        raise ConnectionError(
+            f"RAY_ADDRESS={address} is a dashboard URL, which `ray job submit` takes; a driver joins "
+            "a cluster through its GCS address host:6379 (submitted jobs get it set by Ray)"
+        )
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as error:
+        raise ConnectionError(
+            f"Ray cluster at RAY_ADDRESS={address} is unreachable ({error.strerror or error}); start it "
+            "(ray start --head), fix RAY_ADDRESS (the GCS address host:6379, not the dashboard URL), "
+            "or unset it to run on an embedded local Ray"
+        ) from None
 
 
 def cluster_gpus() -> float:

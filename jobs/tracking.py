@@ -12,10 +12,10 @@ attaches the model to the active run (see its docstring).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shlex
-import socket
 import time
 import urllib.error
 import urllib.parse
@@ -23,13 +23,15 @@ import urllib.request
 import warnings
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import mlflow
+import numpy as np
 import pandas as pd
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.models import ModelSignature
+from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
@@ -85,7 +87,7 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
             return
     except urllib.error.HTTPError:
         return
-    except (urllib.error.URLError, socket.timeout, ConnectionError, OSError) as error:
+    except OSError as error:  # refused, timed out, unknown host (URLError is an OSError)
         reason = getattr(error, "reason", error)
         raise TrackingError(
             f"MLflow tracking server {uri} is unreachable ({reason}); start it (mlflow server ...), "
@@ -201,7 +203,7 @@ def log_values(
 def fail_run(client: MlflowClient, run_id: str, reason: str) -> None:
     """Mark a run FAILED with the reason in its `error` tag (shown in the UI's run list)."""
     client.set_tag(run_id, ERROR_TAG, reason[:_MAX_REASON])
-    client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
+    client.set_terminated(run_id, "FAILED")
 
 
 def end_run(client: MlflowClient, run_id: str, status: str = "FINISHED") -> None:
@@ -219,12 +221,12 @@ def log_pyfunc_model(
 
     Returns the new model version, or None when not registering. `mlflow.pyfunc.log_model`
     attaches the model to the fluent API's active run (MLflow 3 has no `run_id` argument and
-    takes the experiment from that run), so the run is made active for this call alone. A Ray
-    worker runs one task at a time, so the process-wide state is not shared. Leaving the `with`
-    block ends the run as FINISHED, or FAILED on an exception: call this last.
+    takes the experiment from that run), so the run is made active, and `tracking_uri` the
+    fluent API's, for this call alone; both are put back after it. A Ray worker runs one task at
+    a time, so nothing else sees them meanwhile. Leaving the `with` block ends the run as
+    FINISHED, or FAILED on an exception: call this last.
     """
-    mlflow.set_tracking_uri(tracking_uri)
-    with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+    with _fluent_tracking_uri(tracking_uri), mlflow.start_run(run_id=run_id), warnings.catch_warnings():
         # An input example would have to be an image file that exists wherever the model goes.
         warnings.filterwarnings("ignore", message=".*input example was not provided", category=UserWarning)
         info = mlflow.pyfunc.log_model(
@@ -243,6 +245,25 @@ def log_pyfunc_model(
     if alias:
         client.set_registered_model_alias(registered_model_name, alias, str(version))
     return str(version)
+
+
+@contextlib.contextmanager
+def _fluent_tracking_uri(uri: str) -> Iterator[None]:
+    """`uri` as the fluent API's tracking URI for a while, then everything as it was.
+
+    `mlflow.set_tracking_uri` alone would leave later fluent calls in this process (`models:/`
+    lookups included) pointing here, and it also sets, or on reset deletes, the environment
+    variable MLFLOW_TRACKING_URI; MLflow's scoped form (private) restores the former only.
+    """
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        with _use_tracking_uri(uri):
+            yield
+    finally:
+        if saved is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved
 
 
 def _code_paths() -> list[str]:
@@ -288,7 +309,6 @@ class PadimPyfuncModel(mlflow.pyfunc.PythonModel):
 
     # MLflow 3 reads the `model_input` hint: a DataFrame means "no schema, no conversion".
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        import numpy as np
         import torch
 
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
@@ -299,16 +319,17 @@ class PadimPyfuncModel(mlflow.pyfunc.PythonModel):
         sources = frame[column].tolist()
         scores = np.full(len(sources), np.nan, dtype=np.float32)
         errors: list[str | None] = [None] * len(sources)
-        decoded: list[tuple[int, torch.Tensor]] = []
-        for index, source in enumerate(sources):
-            try:
-                decoded.append((index, self._model.transform(source)))
-            except (ValueError, OSError, TypeError) as error:
-                errors[index] = str(error)
-        for start in range(0, len(decoded), batch_size):
-            chunk = decoded[start : start + batch_size]
-            batch_scores, _ = self._model.predict(torch.stack([image for _, image in chunk]))
-            scores[[index for index, _ in chunk]] = batch_scores.numpy()
+        for start in range(0, len(sources), batch_size):  # decode a batch at a time: bounded memory
+            images, rows = [], []
+            for row in range(start, min(start + batch_size, len(sources))):
+                try:
+                    images.append(self._model.transform(sources[row]))
+                    rows.append(row)
+                except (ValueError, OSError, TypeError) as error:
+                    errors[row] = str(error)
+            if images:
+                batch_scores, _ = self._model.predict(torch.stack(images))
+                scores[rows] = batch_scores.numpy()
         flagged = pd.array([None] * len(sources), dtype="boolean")
         if self._model.threshold is not None:
             scored = ~np.isnan(scores)

@@ -181,7 +181,7 @@ class DataConfig(_Section):
                 )
             self._check("categories", _str_list)
         self._check("batch_size", _int, 1)
-        self._check("num_workers", _int, 0)
+        self._check("num_workers", _int, 1)
 
 
 @dataclass(frozen=True)

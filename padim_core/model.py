@@ -217,6 +217,7 @@ class PadimModel:
         os.close(handle)
         try:
             save_file(tensors, temporary, metadata={"padim": json.dumps(self.metadata())})
+            os.chmod(temporary, 0o666 & ~_current_umask())  # mkstemp's 0600 would hide it from other users
             os.replace(temporary, path)
         finally:
             if os.path.exists(temporary):
@@ -248,6 +249,12 @@ class PadimModel:
         model.threshold = meta["threshold"]
         model.score_stats = dict(meta["score_stats"])
         return model
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 class _PadimScorer(torch.nn.Module):

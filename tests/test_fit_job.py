@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import os
 import socket
 import threading
 import time
@@ -113,6 +114,20 @@ def test_num_gpus_per_task(setting: str | float, available: float, expected: flo
 def test_asking_for_more_gpus_than_the_cluster_has_is_an_error_not_a_hang() -> None:
     with pytest.raises(ValueError, match="has 0 GPUs"):
         ray_runtime.resolve_num_gpus(1.0, 0.0)
+
+
+def test_unreachable_ray_address_is_a_clear_error_within_seconds() -> None:
+    started = time.monotonic()
+    with pytest.raises(ConnectionError, match="unreachable"):
+        ray_runtime.check_reachable(f"127.0.0.1:{closed_port()}")
+    with pytest.raises(ConnectionError, match="dashboard URL"):
+        ray_runtime.check_reachable("http://127.0.0.1:8265")
+    assert time.monotonic() - started < 3
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        ray_runtime.check_reachable(f"127.0.0.1:{listening.getsockname()[1]}")
+    ray_runtime.check_reachable("auto")  # left to Ray
 
 
 def test_task_device_follows_the_gpu_share() -> None:
@@ -258,6 +273,8 @@ def test_pyfunc_model_scores_paths_and_bytes_and_reports_bad_images(tmp_path: Pa
         versions.append(tracking.log_pyfunc_model(uri, run_id, model_file, "padim-unit", "champion"))
         assert client.get_run(run_id).info.status == "FINISHED"
     assert versions == ["1", "2"]
+    # no fluent state left behind in this process
+    assert mlflow.tracking._tracking_service.utils._tracking_uri is None and os.environ["MLFLOW_TRACKING_URI"] == uri
     assert str(client.get_model_version_by_alias("padim-unit", "champion").version) == "2"  # the alias follows the newest
 
     loaded = mlflow.pyfunc.load_model("models:/padim-unit@champion")

@@ -183,3 +183,14 @@ def test_matrix_upsample_and_blur_equal_interpolate_then_torchvision_blur(sigma)
         expected = gaussian_blur(expected, kernel_size=[blur_kernel_size(sigma)] * 2, sigma=[sigma] * 2)
     rows, columns = resize_and_blur_matrix(16, 64, sigma), resize_and_blur_matrix(12, 48, sigma)
     torch.testing.assert_close(rows @ distances[:, 0] @ columns.t(), expected[:, 0], rtol=1e-5, atol=1e-6)
+
+
+def test_saved_files_are_readable_like_any_new_file(fitted, tmp_path):
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        path = fitted.save(tmp_path / "shared.safetensors")
+    finally:
+        os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o644

@@ -1,0 +1,475 @@
+"""Score images from folders, globs, archives and Parquet files into a Parquet score table.
+
+    python -m jobs.score --input PATH [PATH ...] --output DIR
+                         (--model FILE_OR_URI --category NAME | --models DIR_OR_REGISTRY)
+                         [--config FILE] [--set KEY=VALUE ...] [--mode error|overwrite|append]
+                         [--route PATTERN=CATEGORY ...] [--image-column NAME]
+
+Ray Data reads and decodes the images in parallel tasks and scores them in a pool of actors
+(`jobs.score_pipeline`); the driver streams the score rows into a staging folder, moves the
+finished table into place (`jobs.score_table`), prints a summary and logs a scoring run to
+MLflow. Exit status: 0 when the table was written (rows with errors included), 1 when the
+job failed or found no images, 2 when it could not start (bad arguments, inputs, models,
+output folder or tracking server).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+from mlflow import MlflowClient
+
+from jobs import ray_runtime, score_table, tracking
+from jobs.score_models import ModelEntry, ModelError, resolve_models
+from jobs.score_pipeline import CategoryRouter, ModelHandle, RowOptions, build_dataset, plan_pool
+from jobs.sources import Discovery, SourceError, discover
+from padim_core.config import ConfigError, ExperimentConfig, load_config
+from padim_core.images import IMAGE_SUFFIXES
+from padim_core.viz import score_histogram_figure
+
+PROGRESS_SECONDS = 10.0
+HISTOGRAM_SAMPLE = 100_000  # scores kept per category for its histogram (a uniform sample beyond that)
+
+
+class NoImagesError(RuntimeError):
+    """The inputs held no image at all; no table is written."""
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    """One scoring job, as the command line describes it."""
+
+    inputs: tuple[str, ...]
+    output: Path
+    config: ExperimentConfig
+    model: str | None = None
+    category: str | None = None
+    models: str | None = None
+    mode: str = "error"
+    routes: tuple[tuple[str, str], ...] = ()
+    image_column: str | None = None
+
+
+# ------------------------------------------------------------------------------ tallies
+class ScoreSample:
+    """A uniform sample of at most `capacity` scores (reservoir sampling), for the histograms."""
+
+    def __init__(self, capacity: int = HISTOGRAM_SAMPLE, seed: int = 0) -> None:
+        self.capacity = capacity
+        self.values = np.empty(0, dtype=np.float32)
+        self.seen = 0
+        self._rng = np.random.default_rng(seed)
+
+    def add(self, scores: np.ndarray) -> None:
+        room = max(0, self.capacity - self.values.size)
+        self.values = np.concatenate([self.values, scores[:room]])
+        rest = scores[room:]
+        if rest.size:
+            slots = self._rng.integers(0, self.seen + room + np.arange(rest.size) + 1)
+            keep = slots < self.capacity
+            self.values[slots[keep]] = rest[keep]
+        self.seen += scores.size
+
+
+@dataclass
+class CategoryTally:
+    scored: int = 0
+    errors: int = 0
+    anomalous: int = 0
+    judged: int = 0  # scored rows with a threshold, the denominator of the anomaly rate
+    sample: ScoreSample = field(default_factory=ScoreSample)
+
+    @property
+    def anomaly_rate(self) -> float | None:
+        return self.anomalous / self.judged if self.judged else None
+
+
+@dataclass
+class Tally:
+    """Counts kept by the driver as rows stream past: what the summary and MLflow report."""
+
+    categories: dict[str, CategoryTally] = field(default_factory=dict)
+    skipped: int = 0
+    skipped_examples: list[str] = field(default_factory=list)
+    error_examples: list[str] = field(default_factory=list)
+
+    def add(self, rows: pa.Table) -> pa.Table:
+        """Count a batch of score rows; returns it without the skipped (non-image) rows."""
+        skipped = rows.column("skipped")
+        for source in rows.filter(skipped).column("source").to_pylist():
+            self.skipped += 1
+            if len(self.skipped_examples) < 5:
+                self.skipped_examples.append(source)
+        rows = rows.filter(pc.invert(skipped))
+        for category in rows.column("category").unique().to_pylist():
+            part = rows.filter(pc.equal(rows["category"], category))
+            tally = self.categories.setdefault(category, CategoryTally())
+            failed = pc.is_valid(part["error"])
+            tally.errors += pc.sum(failed).as_py() or 0
+            scores = part.filter(pc.invert(failed))
+            tally.scored += scores.num_rows
+            flags = scores.column("is_anomalous").drop_null()
+            tally.judged += len(flags)
+            tally.anomalous += pc.sum(flags).as_py() or 0
+            tally.sample.add(scores.column("image_score").to_numpy(zero_copy_only=False).astype(np.float32))
+            for message in part.filter(failed).column("error").to_pylist():
+                if len(self.error_examples) < 5:
+                    self.error_examples.append(message)
+        return rows
+
+    @property
+    def scored(self) -> int:
+        return sum(tally.scored for tally in self.categories.values())
+
+    @property
+    def errors(self) -> int:
+        return sum(tally.errors for tally in self.categories.values())
+
+    @property
+    def images(self) -> int:
+        return self.scored + self.errors
+
+    @property
+    def anomalous(self) -> int:
+        return sum(tally.anomalous for tally in self.categories.values())
+
+
+@dataclass
+class ScoreSummary:
+    """What a finished job reports (and logs to MLflow)."""
+
+    output: Path
+    tally: Tally
+    models: dict[str, str]
+    thresholds: dict[str, float | None]
+    seconds: float
+    first_rows: tuple[float, int]  # (seconds, images) when the first score rows arrived: start-up
+    files: int
+    heatmaps: int
+    run_id: str | None
+    tracking_uri: str
+    experiment_id: str
+    ray_stats: str = ""
+
+    @property
+    def images_per_second(self) -> float:
+        return self.tally.images / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def steady_images_per_second(self) -> float:
+        """The rate once the pipeline was running: start-up (worker imports, model loads) left out."""
+        seconds, images = self.first_rows
+        rest = self.seconds - seconds
+        return (self.tally.images - images) / rest if rest > 0 and self.tally.images > images else self.images_per_second
+
+    def categories(self) -> list[dict[str, Any]]:
+        ordered = sorted(self.tally.categories.items())
+        return [
+            {"category": name, "model_uri": self.models.get(name), "scored": tally.scored, "errors": tally.errors,
+             "anomalous": tally.anomalous, "anomaly_rate": tally.anomaly_rate}
+            for name, tally in ordered
+        ]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "output": str(self.output), "images": self.tally.images, "scored": self.tally.scored,
+            "errors": self.tally.errors, "skipped": self.tally.skipped, "anomalous": self.tally.anomalous,
+            "seconds": self.seconds, "images_per_second": self.images_per_second,
+            "startup_seconds": self.first_rows[0], "steady_images_per_second": self.steady_images_per_second,
+            "files": self.files,
+            "heatmaps": self.heatmaps, "models": self.models, "categories": self.categories(),
+            "skipped_examples": self.tally.skipped_examples, "error_examples": self.tally.error_examples,
+            "mlflow_run_id": self.run_id, "tracking_uri": self.tracking_uri,
+        }
+
+
+# -------------------------------------------------------------------------------- the job
+@dataclass
+class ScoreJob:
+    """A checked job, ready to run: everything that can be refused was, before Ray starts."""
+
+    request: ScoreRequest
+    output: Path
+    schema: pa.Schema
+    discovery: Discovery
+    catalog: dict[str, ModelEntry]
+    tracking_uri: str
+    experiment_id: str
+    scratch: Path  # registry downloads and copies of remote model files; removed by `run`
+
+
+def prepare(request: ScoreRequest) -> ScoreJob:
+    """Check the output folder, find the inputs, load every model, open the tracking store.
+
+    Raises `OutputError`, `SourceError`, `ModelError` or `TrackingError`, all before any image
+    is read, so a mistake costs seconds rather than a half-run job.
+    """
+    config = request.config
+    output = request.output.expanduser().resolve()
+    schema = score_table.file_schema(config.scoring.map_columns, config.scoring.heatmaps_above_threshold)
+    score_table.check_output(output, request.mode, schema)
+    discovery = discover(request.inputs, request.image_column)
+    uri = tracking.resolve_tracking_uri(config.tracking.tracking_uri, config.output)
+    tracking.check_reachable(uri)
+    experiment_id = tracking.prepare_experiment(MlflowClient(uri), config.tracking.experiment, uri, config.output)
+    scratch = Path(tempfile.mkdtemp(prefix="padim-score-"))
+    try:
+        catalog = resolve_models(
+            model=request.model, category=request.category, models=request.models,
+            alias=config.tracking.alias, tracking_uri=uri, scratch=scratch,
+        )
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    return ScoreJob(request, output, schema, discovery, catalog, uri, experiment_id, scratch)
+
+
+def run(job: ScoreJob) -> ScoreSummary:
+    """Score on the Ray session this process is connected to; publish the table; log the run.
+
+    The table appears at the output only when every row has been written. On any failure or
+    interruption the staging folder is removed and the MLflow run is marked FAILED or KILLED.
+    """
+    request, catalog, discovery = job.request, job.catalog, job.discovery
+    scoring = request.config.scoring
+    client = MlflowClient(job.tracking_uri)
+    staging = run_id = None
+    try:
+        router = CategoryRouter(tuple(catalog), request.category, request.routes)
+        plan = plan_pool(scoring.actors, scoring.batch_size, scoring.num_gpus, ray.cluster_resources(), _largest_node_cpus())
+        print(f"jobs.score: {len(request.inputs)} inputs: {discovery.describe()}", flush=True)
+        print("jobs.score: models: " + ", ".join(f"{name} <- {entry.uri}" for name, entry in catalog.items()), flush=True)
+        print(f"jobs.score: {plan.describe()}", flush=True)
+        run_id = _start_run(client, job.experiment_id, request, job.output, catalog, plan)
+        job_id = score_table.new_job_id()
+        staging = score_table.staging_folder(job.output, job_id)
+
+        handles = {
+            name: ModelHandle(entry.uri, entry.threshold, ray.put(entry.file.read_bytes())) for name, entry in catalog.items()
+        }
+        options = RowOptions(scoring.map_size if scoring.map_columns else None, scoring.heatmaps_above_threshold)
+        transforms = {name: entry.transform for name, entry in catalog.items()}
+        dataset = build_dataset(discovery.units, discovery.inputs, router, transforms, handles, plan, options)
+
+        tally = Tally(skipped=discovery.skipped, skipped_examples=list(discovery.skipped_examples))
+        writer = score_table.ScoreTableWriter(staging, job.schema, job_id)
+        started = last_report = time.perf_counter()
+        first_rows: tuple[float, int] | None = None
+        for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+            writer.write(tally.add(batch))
+            if first_rows is None and tally.images:
+                first_rows = (time.perf_counter() - started, tally.images)
+            if time.perf_counter() - last_report >= PROGRESS_SECONDS:
+                last_report = time.perf_counter()
+                print(progress_line(tally, last_report - started), flush=True)
+        seconds = time.perf_counter() - started
+        files = writer.close()
+        if tally.images == 0:
+            raise NoImagesError(
+                f"no images in {', '.join(request.inputs)} ({tally.skipped} non-image files skipped; "
+                f"images are files named {', '.join(IMAGE_SUFFIXES)})"
+            )
+        score_table.publish(staging, job.output, request.mode)
+        staging = None
+        summary = ScoreSummary(
+            job.output, tally, {name: entry.uri for name, entry in catalog.items()},
+            {name: entry.threshold for name, entry in catalog.items()}, seconds, first_rows, len(files),
+            writer.heatmaps, run_id, job.tracking_uri, job.experiment_id, dataset.stats(),
+        )
+        _finish_run(client, run_id, summary)
+        return summary
+    except BaseException as error:
+        score_table.discard(staging)
+        if run_id is not None:
+            if isinstance(error, (KeyboardInterrupt, SystemExit)):
+                client.set_tag(run_id, tracking.ERROR_TAG, "interrupted")
+                tracking.end_run(client, run_id, "KILLED")
+            else:
+                tracking.fail_run(client, run_id, f"{type(error).__name__}: {error}")
+        raise
+    finally:
+        shutil.rmtree(job.scratch, ignore_errors=True)
+
+
+def score(request: ScoreRequest) -> ScoreSummary:
+    """`prepare` then `run`: one scoring job on the Ray session this process is connected to."""
+    return run(prepare(request))
+
+
+def _largest_node_cpus() -> float:
+    return max((node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node.get("Alive")), default=1.0)
+
+
+def progress_line(tally: Tally, seconds: float) -> str:
+    rate = tally.images / seconds if seconds > 0 else 0.0
+    return (f"jobs.score: {tally.images} images after {seconds:.0f} s: {tally.scored} scored, {tally.errors} errors, "
+            f"{tally.skipped} skipped; {rate:.1f} images/s")
+
+
+# ------------------------------------------------------------------------------- MLflow
+def _metric_key(category: str, name: str) -> str:
+    """`<category>/<name>`, so the UI groups a category's figures; characters MLflow refuses become `_`."""
+    return re.sub(r"[^\w.\- ]", "_", category) + "/" + name
+
+
+def _file_label(category: str) -> str:
+    return re.sub(r"[^\w.-]", "_", category)
+
+
+def _start_run(
+    client: MlflowClient, experiment_id: str, request: ScoreRequest, output: Path, catalog: dict[str, ModelEntry], plan: Any
+) -> str:
+    inputs = "\n".join(request.inputs)
+    params = {
+        **tracking.flat_params({"scoring": request.config.to_dict()["scoring"]}),
+        "inputs": inputs if len(inputs) <= 5000 else inputs[:5000] + f"\n... ({len(request.inputs)} inputs)",
+        "output": str(output), "mode": request.mode, "actors": plan.actors, "cpus_per_actor": plan.cpus,
+        "gpus_per_actor": plan.gpus, "device": plan.device,
+        **{f"model.{name}": entry.uri for name, entry in catalog.items()},
+    }
+    tags = {"job": "jobs.score", "output": str(output)}
+    return tracking.start_parent_run(client, experiment_id, f"score-{time.strftime('%Y%m%d-%H%M%S')}", params, tags)
+
+
+def _finish_run(client: MlflowClient, run_id: str, summary: ScoreSummary) -> None:
+    tally = summary.tally
+    metrics: dict[str, float | None] = {
+        "images": tally.images, "scored": tally.scored, "errors": tally.errors, "skipped": tally.skipped,
+        "anomalous": tally.anomalous, "anomaly_rate": tally.anomalous / tally.scored if tally.scored else None,
+        "seconds": summary.seconds, "images_per_second": summary.images_per_second,
+        "startup_seconds": summary.first_rows[0], "steady_images_per_second": summary.steady_images_per_second,
+    }
+    for row in summary.categories():
+        for name in ("scored", "errors", "anomaly_rate"):
+            metrics[_metric_key(row["category"], name)] = row[name]
+    tracking.log_values(client, run_id, metrics=metrics)
+    client.log_text(run_id, json.dumps(summary.to_dict(), indent=2), "summary.json")
+    client.log_text(run_id, summary.ray_stats, "ray_data_stats.txt")
+    with tempfile.TemporaryDirectory(prefix="padim-score-histograms-") as folder:
+        for name, category in tally.categories.items():
+            if category.sample.values.size:
+                png = score_histogram_figure({name: category.sample.values}, summary.thresholds.get(name), f"{name}: image scores")
+                (Path(folder) / f"{_file_label(name)}.png").write_bytes(png)
+        if any(Path(folder).iterdir()):
+            client.log_artifacts(run_id, folder, "histograms")
+    tracking.end_run(client, run_id)
+
+
+# ----------------------------------------------------------------------------- printing
+def format_summary(summary: ScoreSummary) -> str:
+    tally = summary.tally
+    lines = [
+        f"scored {tally.scored} images, {tally.errors} errors, {tally.skipped} non-image files skipped, "
+        f"in {summary.seconds:.1f} s ({summary.images_per_second:.1f} images/s; "
+        f"{summary.steady_images_per_second:.1f} images/s after {summary.first_rows[0]:.1f} s of start-up)",
+        "",
+    ]
+    header = ("category", "scored", "errors", "anomalous", "rate", "model")
+    rows = [
+        (str(row["category"]), str(row["scored"]), str(row["errors"]), str(row["anomalous"]),
+         "-" if row["anomaly_rate"] is None else f"{row['anomaly_rate']:.1%}", row["model_uri"] or "-")
+        for row in summary.categories()
+    ]
+    widths = [max(len(cells[i]) for cells in [header, *rows]) for i in range(len(header))]
+    for cells in [header, tuple("-" * width for width in widths), *rows]:
+        lines.append("  ".join(cell.ljust(width) if i in (0, 5) else cell.rjust(width)
+                               for i, (cell, width) in enumerate(zip(cells, widths))).rstrip())
+    if tally.error_examples:
+        lines += ["", "errors, for example:"] + [f"  {message}" for message in tally.error_examples]
+    if tally.skipped_examples:
+        lines += ["", "skipped (not images), for example:"] + [f"  {source}" for source in tally.skipped_examples]
+    lines += [
+        "",
+        f"table:   {summary.output} ({summary.files} files" + (f", {summary.heatmaps} heatmaps" if summary.heatmaps else "") + ")",
+        f"MLflow:  run {summary.run_id}; view: {tracking.ui_hint(summary.tracking_uri, summary.experiment_id, summary.run_id)}",
+    ]
+    return "\n".join(lines)
+
+
+# -------------------------------------------------------------------------------- the CLI
+def _pair(text: str) -> tuple[str, str]:
+    pattern, sep, category = text.rpartition("=")
+    if not sep or not pattern or not category:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected PATTERN=CATEGORY, e.g. '*/line3/*=bottle'")
+    return pattern, category
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m jobs.score", description=__doc__.splitlines()[0])
+    parser.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                        help="folders, globs, image files, .tar/.tar.gz/.zip archives or Parquet files; local or any "
+                             "pyarrow filesystem URI (s3://, gs://, hdfs://, file://)")
+    parser.add_argument("--output", type=Path, required=True, help="folder of the score table (Parquet, partitioned by category)")
+    models = parser.add_mutually_exclusive_group(required=True)
+    models.add_argument("--model", metavar="FILE_OR_URI", help="one model: a .safetensors file or models:/NAME@ALIAS (needs --category)")
+    models.add_argument("--models", metavar="DIR_OR_REGISTRY",
+                        help="a folder of <category>.safetensors, or 'registry' for padim-<category>@<tracking.alias>")
+    parser.add_argument("--category", help="the category of every image (with --model: required)")
+    parser.add_argument("--route", action="append", default=[], type=_pair, metavar="PATTERN=CATEGORY",
+                        help="images whose source matches the shell pattern go to CATEGORY (repeatable; first match wins)")
+    parser.add_argument("--image-column", help="the column of image bytes in Parquet inputs (default: detected)")
+    parser.add_argument("--config", type=Path, help="experiment YAML (its scoring and tracking sections are used)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set scoring.actors=2 (repeatable)")
+    parser.add_argument("--mode", choices=score_table.MODES, default="error",
+                        help="when the output exists: error (default), overwrite it, or append to it")
+    return parser.parse_args(argv)
+
+
+def exit_on_sigterm() -> None:
+    """`kill` (SIGTERM) unwinds like Ctrl-C, so the staging folder is removed and the run marked."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        config = load_config(args.config, args.set)
+        request = ScoreRequest(
+            inputs=tuple(args.input), output=args.output, config=config, model=args.model, category=args.category,
+            models=args.models, mode=args.mode, routes=tuple(args.route), image_column=args.image_column,
+        )
+    except ConfigError as error:
+        print(f"jobs.score: error: {error}", file=sys.stderr, flush=True)
+        return 2
+    connected = False
+    try:
+        job = prepare(request)
+        if not ray.is_initialized():
+            print(f"jobs.score: {ray_runtime.connect()}", flush=True)
+            connected = True
+        summary = run(job)
+    except (ConfigError, SourceError, ModelError, score_table.OutputError, tracking.TrackingError) as error:
+        print(f"jobs.score: error: {error}", file=sys.stderr, flush=True)
+        return 2
+    except NoImagesError as error:
+        print(f"jobs.score: failed: {error}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        if connected:
+            ray.shutdown()
+    print()
+    print(format_summary(summary), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    # Run the copy imported as `jobs.score`: Ray ships functions by reference to their module.
+    from jobs.score import exit_on_sigterm, main as _main
+
+    exit_on_sigterm()
+    sys.exit(_main())

@@ -1,0 +1,213 @@
+"""Which model scores which category: a model file, a folder of them, or the MLflow registry.
+
+Everything is resolved on the driver before any image is read. Each model is loaded once
+here, which validates it (a bad file fails the job in a second, not inside an actor) and
+tells the decode tasks its input size. Registry aliases are resolved to a version now, so
+every actor scores with the same model even if the alias moves while the job runs, and the
+table's `model_uri` names that version (`models:/padim-bottle/3`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import pyarrow.fs as pafs
+import yaml
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from jobs.tracking import MODEL_ARTIFACT
+from padim_core.images import ImageTransform
+from padim_core.model import ModelFileError, PadimModel
+
+MODEL_SUFFIX = ".safetensors"
+REGISTRY = "registry"
+MODELS_SCHEME = "models:/"
+REGISTERED_PREFIX = "padim-"  # jobs.fit registers category C as padim-C
+
+_REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
+
+
+class ModelError(ValueError):
+    """A model that cannot be found or used; names it and what would work."""
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A validated model: where it came from and what the pipeline needs to know about it."""
+
+    category: str
+    uri: str  # the score table's `model_uri`: an absolute path or URI, or models:/NAME/VERSION
+    file: Path  # a local copy of the safetensors file (the original when it is local)
+    transform: ImageTransform
+    threshold: float | None
+
+
+def is_registry(text: str) -> bool:
+    return text == REGISTRY or text.startswith(MODELS_SCHEME)
+
+
+def resolve_models(
+    *,
+    model: str | None,
+    category: str | None,
+    models: str | None,
+    alias: str,
+    tracking_uri: str,
+    scratch: Path,
+) -> dict[str, ModelEntry]:
+    """Category -> model, from `--model FILE_OR_URI --category NAME` or `--models DIR_OR_REGISTRY`.
+
+    With `--models`, `category` (when given) keeps just that category's model. `scratch` is a
+    folder for copies of remote files and registry downloads.
+    """
+    if (model is None) == (models is None):
+        raise ModelError("give either --model FILE_OR_URI with --category NAME, or --models DIR_OR_REGISTRY")
+    if model is not None:
+        if not category:
+            raise ModelError(f"--model {model} needs --category NAME: the category its images belong to")
+        if model.startswith(MODELS_SCHEME):
+            name, version = _registered_version(tracking_uri, model)
+            return {category: _from_registry(tracking_uri, name, version, category, scratch)}
+        return {category: _from_file(model, category, scratch)}
+    if is_registry(models):
+        if models not in (REGISTRY, MODELS_SCHEME):
+            raise ModelError(
+                f"--models {models}: use 'registry' (or 'models:/') to look up padim-<category>@{alias}; "
+                "for one registered model use --model models:/NAME@ALIAS --category NAME"
+            )
+        return _registry_catalog(tracking_uri, alias, category, scratch)
+    return _folder_catalog(models, category, scratch)
+
+
+# -------------------------------------------------------------------------------- files
+def _load(file: Path, category: str, uri: str) -> ModelEntry:
+    try:
+        padim = PadimModel.load(file, device="cpu")
+    except ModelFileError as error:
+        raise ModelError(f"model for category {category!r} ({uri}) is not usable: {error}") from None
+    return ModelEntry(category, uri, file, padim.transform, padim.threshold)
+
+
+def _filesystem(text: str) -> tuple[pafs.FileSystem, str, str]:
+    """(filesystem, path inside it, display prefix) for a local path or a pyarrow URI."""
+    if "://" in text:
+        try:
+            filesystem, path = pafs.FileSystem.from_uri(text)
+        except (ValueError, OSError) as error:
+            raise ModelError(f"{text}: no filesystem for this URI ({error})") from None
+        scheme = text.split("://", 1)[0]
+        return filesystem, path, "" if scheme == "file" else f"{scheme}://"
+    return pafs.LocalFileSystem(), str(Path(text).expanduser().resolve()), ""
+
+
+def _local_copy(filesystem: pafs.FileSystem, path: str, uri: str, scratch: Path) -> Path:
+    if isinstance(filesystem, pafs.LocalFileSystem):
+        return Path(path)
+    target = scratch / "files" / hashlib.sha1(uri.encode()).hexdigest()[:12] / posixpath.basename(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        pafs.copy_files(path, str(target), source_filesystem=filesystem, destination_filesystem=pafs.LocalFileSystem())
+    except OSError as error:
+        raise ModelError(f"model {uri} cannot be copied from its filesystem: {error}") from None
+    return target
+
+
+def _from_file(text: str, category: str, scratch: Path) -> ModelEntry:
+    filesystem, path, prefix = _filesystem(text)
+    uri = prefix + path
+    if filesystem.get_file_info(path).type != pafs.FileType.File:
+        raise ModelError(f"--model {text}: no such model file")
+    return _load(_local_copy(filesystem, path, uri, scratch), category, uri)
+
+
+def _folder_catalog(text: str, only: str | None, scratch: Path) -> dict[str, ModelEntry]:
+    """Every `<category>.safetensors` in a folder (as jobs.fit writes them)."""
+    filesystem, folder, prefix = _filesystem(text)
+    if filesystem.get_file_info(folder).type != pafs.FileType.Directory:
+        raise ModelError(f"--models {text}: no such folder (expected a folder of <category>{MODEL_SUFFIX} files, or 'registry')")
+    files = {
+        info.base_name[: -len(MODEL_SUFFIX)]: info.path
+        for info in filesystem.get_file_info(pafs.FileSelector(folder))
+        if info.type == pafs.FileType.File and info.base_name.endswith(MODEL_SUFFIX) and not info.base_name.startswith(".")
+    }
+    if only is not None:
+        if only not in files:
+            raise ModelError(f"--models {text} has no model for category {only!r}; it has: {sorted(files) or 'none'}")
+        files = {only: files[only]}
+    if not files:
+        raise ModelError(f"--models {text}: no <category>{MODEL_SUFFIX} files in this folder")
+    return {
+        name: _load(_local_copy(filesystem, path, prefix + path, scratch), name, prefix + path)
+        for name, path in sorted(files.items())
+    }
+
+
+# ----------------------------------------------------------------------------- registry
+def _registered_version(tracking_uri: str, uri: str) -> tuple[str, str]:
+    """`models:/NAME@ALIAS` or `models:/NAME/VERSION` -> (NAME, VERSION)."""
+    match = _REGISTRY_URI.match(uri)
+    if not match:
+        raise ModelError(f"--model {uri}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+    name, alias, version = match["name"], match["alias"], match["version"]
+    client = MlflowClient(tracking_uri)
+    try:
+        found = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
+    except MlflowException as error:
+        raise ModelError(f"--model {uri}: not found in the MLflow registry at {tracking_uri} ({error.message})") from None
+    return name, str(found.version)
+
+
+def _registry_catalog(tracking_uri: str, alias: str, only: str | None, scratch: Path) -> dict[str, ModelEntry]:
+    """`padim-<category>@alias` for every registered padim model that has the alias."""
+    client = MlflowClient(tracking_uri)
+    versions: dict[str, tuple[str, str]] = {}
+    token = None
+    try:
+        while True:
+            page = client.search_registered_models(f"name LIKE '{REGISTERED_PREFIX}%'", page_token=token)
+            for registered in page:
+                category = registered.name[len(REGISTERED_PREFIX):]
+                version = (registered.aliases or {}).get(alias)
+                if version is not None and (only is None or category == only):
+                    versions[category] = (registered.name, str(version))
+            token = page.token
+            if not token:
+                break
+    except MlflowException as error:
+        raise ModelError(f"the MLflow registry at {tracking_uri} cannot be searched ({error.message})") from None
+    if not versions:
+        wanted = f"{REGISTERED_PREFIX}{only}" if only else f"{REGISTERED_PREFIX}<category>"
+        raise ModelError(
+            f"no registered model {wanted} with alias {alias!r} in the MLflow registry at {tracking_uri}; "
+            "fit one with jobs.fit (tracking.register_models: true) or set tracking.alias"
+        )
+    return {
+        category: _from_registry(tracking_uri, name, version, category, scratch)
+        for category, (name, version) in sorted(versions.items())
+    }
+
+
+def _from_registry(tracking_uri: str, name: str, version: str, category: str, scratch: Path) -> ModelEntry:
+    """Download just the safetensors file of a registered pyfunc model (not its code or env).
+
+    jobs.tracking logs the file as the pyfunc artifact `MODEL_ARTIFACT`; the MLmodel file says
+    where inside the model it lies.
+    """
+    uri = f"models:/{name}/{version}"
+    target = scratch / "registry" / f"{name}-{version}"
+    try:
+        mlmodel = mlflow.artifacts.download_artifacts(artifact_uri=f"{uri}/MLmodel", dst_path=str(target), tracking_uri=tracking_uri)
+        artifacts = yaml.safe_load(Path(mlmodel).read_text())["flavors"]["python_function"]["artifacts"]
+        relative = artifacts[MODEL_ARTIFACT]["path"]
+        file = mlflow.artifacts.download_artifacts(artifact_uri=f"{uri}/{relative}", dst_path=str(target), tracking_uri=tracking_uri)
+    except MlflowException as error:
+        raise ModelError(f"registered model {uri} cannot be downloaded from {tracking_uri}: {error.message}") from None
+    except (KeyError, TypeError, OSError, yaml.YAMLError) as error:
+        raise ModelError(f"registered model {uri} is not a padim pyfunc model (no '{MODEL_ARTIFACT}' artifact: {error})") from None
+    return _load(Path(file), category, uri)

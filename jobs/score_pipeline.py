@@ -1,0 +1,321 @@
+"""The Ray Data pipeline of jobs.score: units -> image bytes -> pixels -> score rows.
+
+    from_items(units)                       one row per image file, archive or Parquet row group
+      .flat_map(read_rows)                  tasks: stream the images out of each unit, pick the category
+      .map_batches(decode_batch)            tasks: decode and resize, in parallel, to uint8 at model size
+      .map_batches(ScoreActor, compute=ActorPoolStrategy(size=actors))
+                                            actors: each loads a category's model once, then scores
+
+Everything streams: Ray Data keeps a bounded number of blocks in flight, so memory does not
+grow with the number of images, and nothing here collects the dataset. An image that cannot
+be read or decoded travels on as a row with `error` set and skips the model.
+
+Decoded images travel as uint8 (4x smaller than float32 through the object store); each
+actor makes the normalised tensor with the model's own `ImageTransform`, the same code path
+`PadimModel.predict` takes, so scores equal what the model gives in one process.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import io
+import os
+import tempfile
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+import ray
+from PIL import Image
+
+from jobs import ray_runtime
+from jobs.score_table import UNKNOWN_CATEGORY, row_schema
+from jobs.sources import Input, read_unit
+from padim_core.config import ConfigError
+from padim_core.images import ImageDecodeError, ImageTransform
+
+DECODE_CPUS = 0.5
+DECODE_MEMORY = 1024**3
+"""Per decode task. The memory reservation keeps Ray from starting more decodes of large images
+than a node can hold (a 100-megapixel image needs several hundred MB while it is resized); it
+also keeps Ray Data from fusing decoding into the scoring actors, which it does for a task
+stage followed by an actor stage with identical resource requests."""
+
+BLOCK_BYTES = 16 * 1024**2
+"""Target size of a block: about 30 encoded 900 x 900 photos (see `build_dataset`)."""
+
+DECODED_SCHEMA = pa.schema([
+    pa.field("source", pa.string(), nullable=False),
+    pa.field("category", pa.string(), nullable=False),
+    pa.field("pixels", pa.binary()),  # uint8 [H, W, 3] at the model's input size
+    pa.field("height", pa.int32()),  # of the original image
+    pa.field("width", pa.int32()),
+    pa.field("error", pa.string()),
+    pa.field("skipped", pa.bool_(), nullable=False),
+])
+
+
+# ------------------------------------------------------------------------------ routing
+@dataclass(frozen=True)
+class CategoryRouter:
+    """Which category (so which model) an image belongs to.
+
+    In order: `fixed` (`--category`), the first `routes` pattern (`--route PATTERN=CATEGORY`,
+    shell-style, matched against the image's `source`), a `category` column of a Parquet
+    input, the first folder level under the input root or inside the archive.
+    """
+
+    known: tuple[str, ...]
+    fixed: str | None = None
+    routes: tuple[tuple[str, str], ...] = ()
+
+    def route(self, source: str, relative: str | None, hint: str | None) -> tuple[str, str | None]:
+        """(category, error): the error says why an image has no usable model."""
+        category = self.fixed
+        if category is None:
+            category = next((name for pattern, name in self.routes if fnmatch.fnmatchcase(source, pattern)), None)
+        if category is None:
+            category = hint
+        if category is None and relative and "/" in relative:
+            category = relative.split("/", 1)[0]
+        if category is None:
+            return UNKNOWN_CATEGORY, (
+                f"cannot tell the category of {source}: it is not inside a category folder; "
+                "pass --category NAME or --route PATTERN=NAME"
+            )
+        if category not in self.known:
+            return category, f"no model for category {category!r} (models: {', '.join(self.known)})"
+        return category, None
+
+
+def read_rows(unit: dict[str, Any], inputs: Sequence[Input], router: CategoryRouter) -> Iterator[dict[str, Any]]:
+    """flat_map: the rows of one unit, with their category."""
+    for record in read_unit(unit, inputs):
+        category, problem = router.route(record.source, record.relative, record.category)
+        yield {
+            "source": record.source,
+            "category": category,
+            "data": record.data if problem is None else None,
+            "error": record.error or (None if record.skipped else problem),
+            "skipped": record.skipped,
+        }
+
+
+# ----------------------------------------------------------------------------- decoding
+def decode_batch(batch: pa.Table, transforms: Mapping[str, ImageTransform]) -> pa.Table:
+    """map_batches (tasks): bytes -> uint8 pixels at the category's model size, and the original size."""
+    sources = batch.column("source").to_pylist()
+    categories = batch.column("category").to_pylist()
+    datas = batch.column("data").to_pylist()
+    errors = batch.column("error").to_pylist()
+    pixels: list[bytes | None] = [None] * len(sources)
+    heights: list[int | None] = [None] * len(sources)
+    widths: list[int | None] = [None] * len(sources)
+    for index, (source, category, data) in enumerate(zip(sources, categories, datas)):
+        if data is None or errors[index] is not None:
+            continue
+        try:
+            pixels[index] = transforms[category].to_array(data, name=source).tobytes()
+            heights[index], widths[index] = original_size(data)
+        except ImageDecodeError as error:
+            errors[index] = str(error)
+        except Exception as error:  # noqa: BLE001 - one bad image is a row with an error, never a failed job
+            errors[index] = f"cannot decode image {source}: {type(error).__name__}: {error}"
+    return pa.table(
+        {
+            "source": sources, "category": categories, "pixels": pixels, "height": heights, "width": widths,
+            "error": errors, "skipped": batch.column("skipped").to_pylist(),
+        },
+        schema=DECODED_SCHEMA,
+    )
+
+
+_EXIF_ORIENTATION = 0x0112
+_TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+
+
+def original_size(data: bytes) -> tuple[int, int]:
+    """(height, width) as the image is shown, read from the header (EXIF rotation applied)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            # A PNG's EXIF may follow the pixels, and PIL decodes them all to find it: look
+            # only when the file has an eXIf chunk at all.
+            has_exif = image.format != "PNG" or b"eXIf" in data
+            if has_exif and image.getexif().get(_EXIF_ORIENTATION, 1) in _TRANSPOSED:
+                width, height = height, width
+    return height, width
+
+
+# ------------------------------------------------------------------------------ scoring
+@dataclass(frozen=True)
+class ModelHandle:
+    """What an actor needs to score a category: the model file's bytes in the object store."""
+
+    uri: str
+    threshold: float | None
+    data: ray.ObjectRef
+
+
+@dataclass(frozen=True)
+class RowOptions:
+    """The optional columns (config `scoring`)."""
+
+    map_size: int | None = None  # None: no max_y, max_x, anomaly_map
+    heatmaps: bool = False  # overlay PNG bytes for rows above the threshold
+
+
+class ScoreActor:
+    """map_batches (actor pool): score decoded images, loading each category's model on first use."""
+
+    def __init__(self, models: Mapping[str, ModelHandle], device: str, threads: int, options: RowOptions) -> None:
+        import torch
+
+        torch.set_num_threads(threads)
+        self.handles = dict(models)
+        self.device = device
+        self.options = options
+        self.schema = row_schema(options.map_size is not None, options.heatmaps)
+        self._models: dict[str, Any] = {}
+
+    def _model(self, category: str) -> Any:
+        if category not in self._models:
+            from padim_core.model import PadimModel
+
+            # PadimModel.load reads a path; the bytes came through Ray so any node can score.
+            with tempfile.TemporaryDirectory(prefix="padim-score-") as folder:
+                path = os.path.join(folder, f"{category}.safetensors")
+                with open(path, "wb") as file:
+                    file.write(ray.get(self.handles[category].data))
+                self._models[category] = PadimModel.load(path, device=self.device)
+        return self._models[category]
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        count = batch.num_rows
+        rows: dict[str, list[Any]] = {name: [None] * count for name in self.schema.names}
+        for name in ("source", "category", "height", "width", "error", "skipped"):
+            rows[name] = batch.column(name).to_pylist()
+        pixels = batch.column("pixels").to_pylist()
+        groups: dict[str, list[int]] = defaultdict(list)
+        for index, category in enumerate(rows["category"]):
+            handle = self.handles.get(category)
+            if handle is None:
+                continue
+            rows["model_uri"][index] = handle.uri
+            rows["threshold"][index] = handle.threshold
+            if pixels[index] is not None:
+                groups[category].append(index)
+        for category, indices in groups.items():
+            self._score(self._model(category), indices, pixels, rows)
+        return pa.table(rows, schema=self.schema)
+
+    def _score(self, model: Any, indices: list[int], pixels: list[bytes | None], rows: dict[str, list[Any]]) -> None:
+        import torch
+        import torch.nn.functional as F
+
+        height, width = model.image_size
+        arrays = [np.frombuffer(pixels[i], dtype=np.uint8).reshape(height, width, 3) for i in indices]
+        scores, maps = model.predict(torch.stack([model.transform(array) for array in arrays]))
+        values = scores.numpy()
+        flagged = model.is_anomalous(values) if model.threshold is not None else [None] * len(indices)
+        for position, index in enumerate(indices):
+            rows["image_score"][index] = float(values[position])
+            rows["is_anomalous"][index] = None if flagged[position] is None else bool(flagged[position])
+        if self.options.map_size is not None:
+            peaks = maps.flatten(1).argmax(1).numpy()
+            pooled = F.adaptive_max_pool2d(maps[:, None], self.options.map_size)[:, 0].flatten(1).numpy()
+            for position, index in enumerate(indices):
+                y, x = divmod(int(peaks[position]), width)
+                # the peak's cell centre, scaled from the model's input to the original image
+                rows["max_y"][index] = min(rows["height"][index] - 1, int((y + 0.5) * rows["height"][index] / height))
+                rows["max_x"][index] = min(rows["width"][index] - 1, int((x + 0.5) * rows["width"][index] / width))
+                rows["anomaly_map"][index] = pooled[position].tolist()
+        if self.options.heatmaps and model.threshold is not None:
+            from padim_core.viz import heatmap_overlay
+
+            low, high = model.score_stats.get("map_min"), model.score_stats.get("map_max")
+            for position, index in enumerate(indices):
+                if flagged[position]:
+                    overlay = heatmap_overlay(arrays[position], maps[position].numpy(), vmin=low, vmax=high)
+                    buffer = io.BytesIO()
+                    Image.fromarray(overlay).save(buffer, format="PNG")
+                    rows["heatmap_png"][index] = buffer.getvalue()
+
+
+# ------------------------------------------------------------------------------ the plan
+@dataclass(frozen=True)
+class PoolPlan:
+    """The actor pool: how many actors, what each reserves, and where torch runs."""
+
+    actors: int
+    cpus: float
+    gpus: float
+    device: str
+    threads: int
+    batch_size: int
+
+    def describe(self) -> str:
+        return (f"{self.actors} scoring actors x ({self.cpus:g} CPU, {self.gpus:g} GPU, {self.threads} torch threads, "
+                f"device {self.device}), batches of {self.batch_size}")
+
+
+def plan_pool(actors: int, batch_size: int, num_gpus: str | float, cluster: Mapping[str, float], node_cpus: float) -> PoolPlan:
+    """Size the actors from the config and the cluster.
+
+    On GPUs each actor takes `num_gpus` and one CPU. On CPUs the actors together reserve half
+    the cluster's CPUs, leaving the other half to the decode tasks that feed them (decoding a
+    photo costs about as much CPU as scoring it), and torch in each actor gets as many threads
+    as the actor reserves whole CPUs: more would only spin against the decoders.
+    """
+    try:
+        gpus = ray_runtime.resolve_num_gpus(num_gpus, float(cluster.get("GPU", 0)))
+    except ValueError as error:
+        raise ConfigError(str(error).replace("fit.num_gpus", "scoring.num_gpus").replace("fit tasks", "scoring actors")) from None
+    if gpus > 0:
+        needed = actors * gpus
+        if needed > cluster.get("GPU", 0):
+            raise ConfigError(
+                f"scoring.actors={actors} with {gpus:g} GPU each needs {needed:g} GPUs; the Ray cluster has "
+                f"{cluster.get('GPU', 0):g}; lower scoring.actors or scoring.num_gpus"
+            )
+        return PoolPlan(actors, 1.0, gpus, "cuda", 1, batch_size)
+    cpus = min(float(cluster.get("CPU", 1)) / (2 * actors), node_cpus / 2)
+    return PoolPlan(actors, cpus, 0.0, "cpu", ray_runtime.torch_threads(cpus), batch_size)
+
+
+def build_dataset(
+    units: list[dict[str, Any]],
+    inputs: Sequence[Input],
+    router: CategoryRouter,
+    transforms: Mapping[str, ImageTransform],
+    models: Mapping[str, ModelHandle],
+    plan: PoolPlan,
+    options: RowOptions,
+) -> ray.data.Dataset:
+    """The lazy dataset of score rows (in `score_table.row_schema`); iterating it runs the job."""
+    from ray.data import ActorPoolStrategy, DataContext
+
+    # The dataset keeps the context it was built under. Ray's default block size (128 MiB)
+    # would put hundreds of encoded images in one block, and one block is one decode task:
+    # smaller blocks keep every CPU decoding and the memory in flight small.
+    context = DataContext.get_current().copy()
+    context.target_max_block_size = BLOCK_BYTES
+    context.enable_progress_bars = False  # the driver prints its own progress
+    with DataContext.current(context):
+        return (
+            ray.data.from_items(units)
+            .flat_map(read_rows, fn_kwargs={"inputs": list(inputs), "router": router})
+            .map_batches(
+                decode_batch, batch_size=plan.batch_size, batch_format="pyarrow",
+                fn_kwargs={"transforms": dict(transforms)}, num_cpus=DECODE_CPUS, memory=DECODE_MEMORY,
+            )
+            .map_batches(
+                ScoreActor, batch_size=plan.batch_size, batch_format="pyarrow",
+                compute=ActorPoolStrategy(size=plan.actors), num_cpus=plan.cpus, num_gpus=plan.gpus or None,
+                fn_constructor_kwargs={"models": dict(models), "device": plan.device, "threads": plan.threads, "options": options},
+            )
+        )
