@@ -12,17 +12,34 @@ def blur_kernel_size(sigma: float) -> int:
     return 2 * int(4.0 * sigma + 0.5) + 1
 
 
-def mahalanobis_distance(embedding: torch.Tensor, mean: torch.Tensor, inv_covariance: torch.Tensor) -> torch.Tensor:
+def whitening(mean: torch.Tensor, inv_covariance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(factor, shift)` with `inv_covariance = factor @ factor.T` (Cholesky) and `shift = mean @ factor`.
+
+    Then the Mahalanobis distance of `x` is `|x @ factor - shift|`: one batched matrix product
+    with the mean subtraction folded in, and a norm that cannot go negative through rounding.
+    The factor is computed in float64, a slice of locations at a time.
+    """
+    factor = torch.empty_like(inv_covariance)
+    for start in range(0, inv_covariance.shape[0], 512):
+        part = slice(start, start + 512)
+        lower, info = torch.linalg.cholesky_ex(inv_covariance[part].double())
+        if bool((info > 0).any()):
+            raise ValueError("inverse covariance is not positive definite at some grid locations")
+        factor[part] = lower.to(factor.dtype)
+    shift = torch.bmm(mean.unsqueeze(1).to(factor.dtype), factor).squeeze(1)
+    return factor, shift
+
+
+def mahalanobis_distance(embedding: torch.Tensor, factor: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """Distance `[B, h, w]` of each patch of `embedding [h, w, B, C]` to its location's Gaussian.
 
-    One batched matrix product per location (`[L, B, C] @ [L, C, C]`): the inverse covariance is
-    read once per batch, not once per image. Squared distances that rounding pushes below zero
-    are clamped before the square root.
+    `factor` and `shift` come from `whitening`. One batched product per location
+    (`[L, B, C] @ [L, C, C]`) reads the factor once per batch, not once per image.
     """
     height, width, batch, channels = embedding.shape
-    delta = embedding.reshape(height * width, batch, channels) - mean.unsqueeze(1)
-    squared = torch.linalg.vecdot(torch.bmm(delta, inv_covariance), delta)  # [L, B]
-    return squared.clamp_min(0).sqrt().t().reshape(batch, height, width)
+    patches = embedding.reshape(height * width, batch, channels)
+    whitened = torch.baddbmm(shift.unsqueeze(1), patches, factor, beta=-1)  # x @ factor - shift
+    return torch.linalg.vector_norm(whitened, dim=2).t().reshape(batch, height, width)
 
 
 def resize_and_blur_matrix(source: int, target: int, sigma: float) -> torch.Tensor:
@@ -60,12 +77,13 @@ class AnomalyScorer(nn.Module):
         blur_sigma: float,
     ) -> None:
         super().__init__()
-        self.register_buffer("mean", mean)
-        self.register_buffer("inv_covariance", inv_covariance)
+        factor, shift = whitening(mean, inv_covariance)
+        self.register_buffer("factor", factor)
+        self.register_buffer("shift", shift)
         self.register_buffer("rows", resize_and_blur_matrix(grid_shape[0], image_size[0], blur_sigma))
         self.register_buffer("columns", resize_and_blur_matrix(grid_shape[1], image_size[1], blur_sigma).t())
 
     def forward(self, embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        distances = mahalanobis_distance(embedding, self.mean, self.inv_covariance)
+        distances = mahalanobis_distance(embedding, self.factor, self.shift)
         maps = torch.matmul(torch.matmul(self.rows, distances), self.columns)
         return maps.flatten(1).amax(dim=1), maps
