@@ -155,7 +155,7 @@ def _registered_version(tracking_uri: str, uri: str) -> tuple[str, str]:
     if not match:
         raise ModelError(f"--model {uri}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
     name, alias, version = match["name"], match["alias"], match["version"]
-    client = MlflowClient(tracking_uri)
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     try:
         found = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
     except MlflowException as error:
@@ -165,7 +165,7 @@ def _registered_version(tracking_uri: str, uri: str) -> tuple[str, str]:
 
 def _registry_catalog(tracking_uri: str, alias: str, only: str | None, scratch: Path) -> dict[str, ModelEntry]:
     """`padim-<category>@alias` for every registered padim model that has the alias."""
-    client = MlflowClient(tracking_uri)
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     versions: dict[str, tuple[str, str]] = {}
     token = None
     try:
@@ -197,17 +197,23 @@ def _from_registry(tracking_uri: str, name: str, version: str, category: str, sc
     """Download just the safetensors file of a registered pyfunc model (not its code or env).
 
     jobs.tracking logs the file as the pyfunc artifact `MODEL_ARTIFACT`; the MLmodel file says
-    where inside the model it lies.
+    where inside the model it lies. The download goes through the version's artifact location:
+    `models:/` URIs would be resolved against the process-wide registry URI instead.
     """
     uri = f"models:/{name}/{version}"
     target = scratch / "registry" / f"{name}-{version}"
+
+    def download(path: str) -> Path:
+        return Path(mlflow.artifacts.download_artifacts(
+            artifact_uri=f"{location.rstrip('/')}/{path}", dst_path=str(target), tracking_uri=tracking_uri,
+        ))
+
     try:
-        mlmodel = mlflow.artifacts.download_artifacts(artifact_uri=f"{uri}/MLmodel", dst_path=str(target), tracking_uri=tracking_uri)
-        artifacts = yaml.safe_load(Path(mlmodel).read_text())["flavors"]["python_function"]["artifacts"]
-        relative = artifacts[MODEL_ARTIFACT]["path"]
-        file = mlflow.artifacts.download_artifacts(artifact_uri=f"{uri}/{relative}", dst_path=str(target), tracking_uri=tracking_uri)
+        location = MlflowClient(tracking_uri, registry_uri=tracking_uri).get_model_version_download_uri(name, version)
+        artifacts = yaml.safe_load(download("MLmodel").read_text())["flavors"]["python_function"]["artifacts"]
+        file = download(artifacts[MODEL_ARTIFACT]["path"])
     except MlflowException as error:
         raise ModelError(f"registered model {uri} cannot be downloaded from {tracking_uri}: {error.message}") from None
     except (KeyError, TypeError, OSError, yaml.YAMLError) as error:
         raise ModelError(f"registered model {uri} is not a padim pyfunc model (no '{MODEL_ARTIFACT}' artifact: {error})") from None
-    return _load(Path(file), category, uri)
+    return _load(file, category, uri)

@@ -47,6 +47,12 @@ stage followed by an actor stage with identical resource requests."""
 BLOCK_BYTES = 16 * 1024**2
 """Target size of a block: about 30 encoded 900 x 900 photos (see `build_dataset`)."""
 
+IN_FLIGHT_BYTES_PER_CPU = 64 * 1024**2
+MIN_IN_FLIGHT_BYTES = 512 * 1024**2
+"""Object-store memory the pipeline may fill with blocks between its stages. Reading is far
+faster than scoring, so without a cap Ray Data reads ahead until its default budget (a share of
+the whole object store) is full, and the footprint grows with the input up to that point."""
+
 DECODED_SCHEMA = pa.schema([
     pa.field("source", pa.string(), nullable=False),
     pa.field("category", pa.string(), nullable=False),
@@ -114,16 +120,19 @@ def decode_batch(batch: pa.Table, transforms: Mapping[str, ImageTransform]) -> p
     pixels: list[bytes | None] = [None] * len(sources)
     heights: list[int | None] = [None] * len(sources)
     widths: list[int | None] = [None] * len(sources)
-    for index, (source, category, data) in enumerate(zip(sources, categories, datas)):
-        if data is None or errors[index] is not None:
-            continue
-        try:
-            pixels[index] = transforms[category].to_array(data, name=source).tobytes()
-            heights[index], widths[index] = original_size(data)
-        except ImageDecodeError as error:
-            errors[index] = str(error)
-        except Exception as error:  # noqa: BLE001 - one bad image is a row with an error, never a failed job
-            errors[index] = f"cannot decode image {source}: {type(error).__name__}: {error}"
+    with warnings.catch_warnings():
+        # padim_core refuses images above its own pixel limit, PIL's warning below that is noise
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        for index, (source, category, data) in enumerate(zip(sources, categories, datas)):
+            if data is None or errors[index] is not None:
+                continue
+            try:
+                pixels[index] = transforms[category].to_array(data, name=source).tobytes()
+                heights[index], widths[index] = original_size(data)
+            except ImageDecodeError as error:
+                errors[index] = str(error)
+            except Exception as error:  # noqa: BLE001 - one bad image is a row with an error, never a failed job
+                errors[index] = f"cannot decode image {source}: {type(error).__name__}: {error}"
     return pa.table(
         {
             "source": sources, "category": categories, "pixels": pixels, "height": heights, "width": widths,
@@ -139,15 +148,13 @@ _TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
 def original_size(data: bytes) -> tuple[int, int]:
     """(height, width) as the image is shown, read from the header (EXIF rotation applied)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        with Image.open(io.BytesIO(data)) as image:
-            width, height = image.size
-            # A PNG's EXIF may follow the pixels, and PIL decodes them all to find it: look
-            # only when the file has an eXIf chunk at all.
-            has_exif = image.format != "PNG" or b"eXIf" in data
-            if has_exif and image.getexif().get(_EXIF_ORIENTATION, 1) in _TRANSPOSED:
-                width, height = height, width
+    with Image.open(io.BytesIO(data)) as image:
+        width, height = image.size
+        # A PNG's EXIF may follow the pixels, and PIL decodes them all to find it: look only
+        # when the file has an eXIf chunk at all.
+        has_exif = image.format != "PNG" or b"eXIf" in data
+        if has_exif and image.getexif().get(_EXIF_ORIENTATION, 1) in _TRANSPOSED:
+            width, height = height, width
     return height, width
 
 
@@ -297,7 +304,7 @@ def build_dataset(
     options: RowOptions,
 ) -> ray.data.Dataset:
     """The lazy dataset of score rows (in `score_table.row_schema`); iterating it runs the job."""
-    from ray.data import ActorPoolStrategy, DataContext
+    from ray.data import ActorPoolStrategy, DataContext, ExecutionResources
 
     # The dataset keeps the context it was built under. Ray's default block size (128 MiB)
     # would put hundreds of encoded images in one block, and one block is one decode task:
@@ -305,6 +312,10 @@ def build_dataset(
     context = DataContext.get_current().copy()
     context.target_max_block_size = BLOCK_BYTES
     context.enable_progress_bars = False  # the driver prints its own progress
+    cpus = float(ray.cluster_resources().get("CPU", 1))
+    context.execution_options.resource_limits = ExecutionResources(
+        object_store_memory=max(MIN_IN_FLIGHT_BYTES, int(IN_FLIGHT_BYTES_PER_CPU * cpus))
+    )
     with DataContext.current(context):
         return (
             ray.data.from_items(units)

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from jobs.score import ScoreSample, Tally
+from jobs.score_summary import ScoreSample, Tally
 from jobs.score_pipeline import CategoryRouter, decode_batch, original_size, plan_pool
 from jobs.score_table import UNKNOWN_CATEGORY, row_schema
 from padim_core.config import ConfigError
