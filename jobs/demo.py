@@ -66,7 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"\n== packed {pack_test_images(data_root, archive)} test images into {archive}")
     scores = output / "scores"
     _run("score", [python, "-m", "jobs.score", "--input", str(archive), "--output", str(scores),
-                   "--models", str(output / "models"), "--config", str(args.config), "--mode", "overwrite"])
+                   "--models", str(output / "models"), "--config", str(args.config), "--mode", "overwrite",
+                   "--set", f"output={output}"])  # so both jobs share OUTPUT's MLflow store
     print(
         "\nDone.\n"
         f"  models:       {output / 'models'}\n"
