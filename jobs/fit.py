@@ -117,12 +117,12 @@ def fit_category(request: FitRequest) -> dict[str, Any]:
         tracking.end_run(client, run_id)
         result["status"] = OK
     except Exception as error:  # noqa: BLE001 - any failure belongs to this category alone
-        result["error"] = _reason(error)
+        result["error"] = describe_error(error)
         try:
             tracking.fail_run(client, run_id, result["error"])
             client.log_text(run_id, traceback.format_exc(), "error.txt")
         except Exception as tracking_error:  # noqa: BLE001
-            result["error"] += f" (the MLflow run could not be marked FAILED: {_reason(tracking_error)})"
+            result["error"] += f" (the MLflow run could not be marked FAILED: {describe_error(tracking_error)})"
     result["seconds"] = time.perf_counter() - started
     return result
 
@@ -198,7 +198,8 @@ def _number(value: Any) -> float | int | None:
     return None if isinstance(value, float) and math.isnan(value) else value
 
 
-def _reason(error: BaseException) -> str:
+def describe_error(error: BaseException) -> str:
+    """The error's type and the first line of its message: short enough for a table cell."""
     message = str(error).strip().splitlines()
     return f"{type(error).__name__}: {message[0] if message else 'no message'}"
 
@@ -360,20 +361,15 @@ def _finish(
 def _collect(pending: dict[Any, str], client: MlflowClient, child_ids: dict[str, str]) -> dict[str, dict[str, Any]]:
     """Wait for the tasks in the order they finish, printing a line for each."""
     results: dict[str, dict[str, Any]] = {}
-    total = len(pending)
-    while pending:
-        (ref,), _ = ray.wait(list(pending), num_returns=1)
-        name = pending.pop(ref)
-        try:
-            result = ray.get(ref)
-        except ray.exceptions.RayError as error:
-            # The task never returned: its worker died more often than fit.max_retries allows,
-            # or it was cancelled. Its run is still RUNNING; the driver closes it.
+    for name, result in ray_runtime.as_completed(pending):
+        if isinstance(result, ray.exceptions.RayError):
+            # The task never returned; its run is still RUNNING, so the driver closes it.
+            error = result
             result = _empty_result(name, child_ids[name])
-            result["error"] = _reason(error)
+            result["error"] = describe_error(error)
             tracking.fail_run(client, child_ids[name], result["error"])
         results[name] = result
-        print(progress_line(len(results), total, result), flush=True)
+        print(progress_line(len(results), len(pending), result), flush=True)
     return results
 
 
@@ -402,15 +398,20 @@ def build_config(args: argparse.Namespace) -> ExperimentConfig:
     return config
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m jobs.fit", description=__doc__.splitlines()[0])
+def experiment_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """The flags every per-category job takes; `build_config` turns them into a config."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--config", type=Path, required=True, help="experiment YAML (see configs/)")
     parser.add_argument("--data-root", type=Path, help="MVTec-AD-style dataset folder (overrides data.root)")
     parser.add_argument("--categories", help="comma-separated category names, or 'all' (overrides data.categories)")
     parser.add_argument("--output", type=Path, help="output folder (overrides output)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override any config key, e.g. --set padim.image_size=128 (repeatable)")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    return experiment_parser("python -m jobs.fit", __doc__.splitlines()[0]).parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

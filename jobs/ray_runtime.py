@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+from typing import Any, Iterator, Mapping
 
 import ray
 
@@ -94,3 +95,20 @@ def task_device(setting: str, num_gpus: float) -> str:
 def torch_threads(num_cpus: float) -> int:
     """Intra-op threads for a task holding `num_cpus` Ray CPUs (at least one)."""
     return max(1, int(num_cpus))
+
+
+def as_completed(pending: Mapping[Any, str]) -> Iterator[tuple[str, Any]]:
+    """(name, result) for each task of `pending` (ObjectRef -> name) in the order they finish.
+
+    A task that never returned (its worker died more often than its retries allow, or it was
+    cancelled) gives its `ray.exceptions.RayError` as the result.
+    """
+    waiting = dict(pending)
+    while waiting:
+        (ref,), _ = ray.wait(list(waiting), num_returns=1)
+        name = waiting.pop(ref)
+        try:
+            result = ray.get(ref)
+        except ray.exceptions.RayError as error:
+            result = error
+        yield name, result
