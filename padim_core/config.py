@@ -16,6 +16,7 @@ from typing import Any, Callable, ClassVar, Mapping, Sequence
 import yaml
 
 from padim_core.backbones import BackboneError, get_backbone
+from padim_core.shifts import SHIFTS
 
 
 class ConfigError(ValueError):
@@ -234,6 +235,39 @@ class ScoringConfig(_Section):
 
 
 @dataclass(frozen=True)
+class ShiftConfig(_Section):
+    """jobs.shift: which domain shifts, at which levels (severity k is the k-th level), which seed."""
+
+    section: ClassVar[str] = "shift"
+
+    shifts: Mapping[str, tuple[float, ...]] | None = None  # None: every shift at its default levels
+    seed: int = 0
+    tolerance: float = 0.05  # the image-AUROC drop at which the report calls a category broken
+
+    def __post_init__(self) -> None:
+        chosen = {name: kind.default_levels for name, kind in SHIFTS.items()} if self.shifts is None else self.shifts
+        if not isinstance(chosen, Mapping) or not chosen:
+            raise ConfigError(
+                f"shift.shifts: expected a mapping of shift names to lists of levels, got {_describe(chosen)}; "
+                f"shifts: {list(SHIFTS)}"
+            )
+        levels: dict[str, tuple[float, ...]] = {}
+        for name, values in chosen.items():
+            key = f"shift.shifts.{name}"
+            if name not in SHIFTS:
+                raise ConfigError(f"{key}: unknown shift; allowed: {list(SHIFTS)}")
+            kind = SHIFTS[name]
+            if not isinstance(values, (list, tuple)) or not values:
+                raise ConfigError(f"{key}: expected a non-empty list of levels ({kind.unit}), got {_describe(values)}")
+            levels[name] = tuple(
+                _float(f"{key}[{i}]", value, f"{kind.allowed}; {kind.unit}", kind.check) for i, value in enumerate(values)
+            )
+        object.__setattr__(self, "shifts", levels)
+        self._check("seed", _int, 0)
+        self._check("tolerance", _float, "0 < tolerance < 1", lambda v: 0 < v < 1)
+
+
+@dataclass(frozen=True)
 class TrackingConfig(_Section):
     """MLflow: where runs go and how fitted models are registered."""
 
@@ -265,6 +299,7 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     fit: FitConfig = field(default_factory=FitConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    shift: ShiftConfig = field(default_factory=ShiftConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     output: str = "outputs"
 
@@ -277,7 +312,7 @@ class ExperimentConfig:
 
 
 _SECTIONS: dict[str, type[_Section]] = {
-    cls.section: cls for cls in (PadimConfig, DataConfig, FitConfig, ScoringConfig, TrackingConfig)
+    cls.section: cls for cls in (PadimConfig, DataConfig, FitConfig, ScoringConfig, ShiftConfig, TrackingConfig)
 }
 _TOP_LEVEL = sorted([*_SECTIONS, "output"])
 

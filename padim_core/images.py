@@ -136,9 +136,12 @@ class ImageTransform:
 
     def __call__(self, source: ImageSource, *, name: str | None = None) -> torch.Tensor:
         """A normalised float32 tensor `[3, H, W]`."""
-        channels_first = torch.from_numpy(self.to_array(source, name=name)).permute(2, 0, 1)
+        return self.normalize(torch.from_numpy(self.to_array(source, name=name)).permute(2, 0, 1))
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 `[..., 3, H, W]` -> normalised float32, value for value as `__call__` gives."""
         # one copy that both converts to float and lays the channels out contiguously
-        tensor = channels_first.to(torch.float32, memory_format=torch.contiguous_format)
+        tensor = images.to(torch.float32, memory_format=torch.contiguous_format)
         return tensor.mul_(self._scale).add_(self._shift)
 
 

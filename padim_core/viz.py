@@ -131,3 +131,24 @@ def score_histogram_figure(scores_by_group: dict[str, np.ndarray], threshold: fl
     axes.set(xlabel="Image score", ylabel="Images", title=title)
     axes.legend()
     return _png_bytes(figure)
+
+
+def severity_figure(panels: dict[str, dict[str, tuple[list[int], list[float | None]]]], title: str) -> bytes:
+    """Figures against shift severity, as PNG bytes: one panel per figure (e.g. image AUROC),
+    one line per shift. None (a figure the data cannot give) leaves a gap in its line."""
+    if not panels:
+        raise ValueError("no panels to plot")
+    columns = min(2, len(panels))
+    rows = -(-len(panels) // columns)
+    figure = Figure(figsize=(5.5 * columns, 4 * rows), layout="constrained")
+    figure.suptitle(title)
+    for index, (name, lines) in enumerate(panels.items()):
+        axes = figure.add_subplot(rows, columns, index + 1)
+        for shift, (severities, values) in lines.items():
+            plotted = [np.nan if value is None else value for value in values]
+            axes.plot(severities, plotted, marker="o", label=shift)
+        axes.set(xlabel="Severity (0: unshifted)", ylabel=name, title=name)
+        axes.set_xticks(sorted({s for severities, _ in lines.values() for s in severities}))
+        axes.grid(alpha=0.3)
+    figure.axes[0].legend(fontsize="small")
+    return _png_bytes(figure)

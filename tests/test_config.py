@@ -137,6 +137,11 @@ BAD_OVERRIDES = [
     ("fit.max_retries=false", ["fit.max_retries", "False", "integer"]),
     ("scoring.actors=0", ["scoring.actors", "0", ">= 1"]),
     ("scoring.map_columns=1", ["scoring.map_columns", "1", "true or false"]),
+    ("shift.shifts.fog=[1]", ["shift.shifts.fog", "unknown shift", "blur"]),
+    ("shift.shifts.jpeg=[50, 0]", ["shift.shifts.jpeg[1]", "0", "an integer from 1 to 100"]),
+    ("shift.shifts.blur=[]", ["shift.shifts.blur", "non-empty list of levels", "sigma"]),
+    ("shift.shifts.blur=2", ["shift.shifts.blur", "non-empty list of levels"]),
+    ("shift.tolerance=1", ["shift.tolerance", "0 < tolerance < 1"]),
     ("tracking.alias=latest", ["tracking.alias", "latest", "reserved"]),
     ("tracking.alias=v3", ["tracking.alias", "v3", "reserved"]),
     ("tracking.alias=my alias", ["tracking.alias", "my alias", "letters, digits"]),
@@ -201,6 +206,17 @@ def test_missing_file_names_the_file(tmp_path):
     path = tmp_path / "absent.yaml"
     with pytest.raises(ConfigError, match="absent.yaml.*cannot be read"):
         load_config(path)
+
+
+def test_shift_section_defaults_to_every_shift_and_overrides_choose_some():
+    from padim_core.shifts import SHIFTS
+
+    default = load_config().shift
+    assert list(default.shifts) == list(SHIFTS) and default.seed == 0
+    assert all(levels == tuple(SHIFTS[name].default_levels) for name, levels in default.shifts.items())
+    chosen = load_config(None, ["shift.shifts.blur=[1, 8]", "shift.seed=3"]).shift
+    assert chosen.shifts == {"blur": (1.0, 8.0)} and chosen.seed == 3
+    assert config_from_dict(load_config(None, ["shift.shifts.jpeg=[50]"]).to_dict()).shift.shifts == {"jpeg": (50.0,)}
 
 
 def test_config_from_dict_rejects_non_mappings():

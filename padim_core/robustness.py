@@ -1,0 +1,128 @@
+"""How a fitted model holds up under domain shift: its test split scored under every shift.
+
+The test images are decoded and resized once, kept as uint8 at the model's input size, and
+each shifted variant goes through the same normalisation and `PadimModel.predict` as the
+unshifted images do in `padim_core.evaluate`, so severity 0 gives the unshifted figures exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from padim_core.datasets import MvtecCategory
+from padim_core.images import ImageTransform, load_mask
+from padim_core.loader import iter_image_batches
+from padim_core.metrics import classification_rates, image_auroc, pixel_auroc
+from padim_core.model import PadimModel
+from padim_core.shifts import apply_shift, image_seed
+
+FIGURES = ("image_auroc", "pixel_auroc", "false_positive_rate", "false_negative_rate")
+"""What is measured for every shift and severity (None where the test split cannot tell)."""
+
+
+@dataclass(frozen=True)
+class TestSplit:
+    """A category's test images at the model's input size, decoded once."""
+
+    images: torch.Tensor  # [N, 3, H, W] uint8
+    masks: torch.Tensor  # [N, H, W] bool; all False for normal images
+    labels: np.ndarray  # [N] 0 normal, 1 defective
+    judged: np.ndarray  # [N] bool: pixels can be judged (normal, or defective with a mask)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass(frozen=True)
+class ShiftFigures:
+    """The figures of one shift at one severity (severity 0: no shift, level None)."""
+
+    shift: str
+    severity: int
+    level: float | None
+    image_auroc: float | None
+    pixel_auroc: float | None
+    false_positive_rate: float | None
+    false_negative_rate: float | None
+
+
+def load_test_split(category: MvtecCategory, transform: ImageTransform, batch_size: int, workers: int) -> TestSplit:
+    """The test split of `category` as `transform` sizes it, in `test_samples` order."""
+    samples = list(category.test_samples)
+    if not samples:
+        raise ValueError(f"category {category.name!r} has no test images under {category.root / 'test'}")
+    def decode(path: Path) -> torch.Tensor:
+        return torch.from_numpy(transform.to_array(path)).permute(2, 0, 1)
+
+    images = torch.cat([batch for _, batch in iter_image_batches([s.path for s in samples], decode, batch_size, workers)])
+    masks = torch.from_numpy(np.stack([load_mask(s.mask_path, transform.image_size) for s in samples]))
+    labels = np.array([s.label for s in samples], dtype=np.int64)
+    judged = (labels == 0) | np.array([s.mask_path is not None for s in samples])
+    return TestSplit(images, masks, labels, judged)
+
+
+def score_variant(
+    model: PadimModel, split: TestSplit, batch_size: int, *,
+    shift: str | None = None, level: float = 0.0, severity: int = 0, seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+    """Scores `[N]`, maps `[N, H, W]` and the (moved) masks of the split under one shift, or none."""
+    scores, maps, masks = [], [], []
+    for start in range(0, len(split), batch_size):
+        images, batch_masks = split.images[start : start + batch_size], split.masks[start : start + batch_size]
+        if shift is not None:
+            seeds = [image_seed(seed, shift, severity, index) for index in range(start, start + len(images))]
+            images, batch_masks = apply_shift(shift, level, images, batch_masks, seeds)
+        batch_scores, batch_maps = model.predict(model.transform.normalize(images))
+        scores.append(batch_scores.numpy())
+        maps.append(batch_maps.numpy())
+        masks.append(batch_masks)
+    return np.concatenate(scores), np.concatenate(maps), torch.cat(masks)
+
+
+def split_figures(
+    split: TestSplit, scores: np.ndarray, maps: np.ndarray, masks: torch.Tensor, threshold: float | None
+) -> dict[str, float | None]:
+    """Image and pixel AUROC, and the error rates at `threshold`, as far as the split allows."""
+    labels = split.labels
+    both = bool((labels == 0).any() and (labels == 1).any())
+    judged_masks = masks.numpy()[split.judged]
+    figures: dict[str, float | None] = dict.fromkeys(FIGURES)
+    if both:
+        figures["image_auroc"] = image_auroc(labels, scores)
+        if judged_masks.any():
+            figures["pixel_auroc"] = pixel_auroc(judged_masks, maps[split.judged])
+    if threshold is not None:
+        rates = classification_rates(labels, scores, threshold)
+        figures.update({key: None if np.isnan(value) else value for key, value in rates.items()})
+    return figures
+
+
+def evaluate_shifts(
+    model: PadimModel,
+    split: TestSplit,
+    shifts: Mapping[str, Sequence[float]],
+    seed: int,
+    batch_size: int,
+    progress: Callable[[ShiftFigures], None] | None = None,
+) -> list[ShiftFigures]:
+    """Every shift at severity 0 (unshifted, scored once) and at each of its levels."""
+    threshold = model.threshold
+    baseline = split_figures(split, *score_variant(model, split, batch_size), threshold)
+    results = [ShiftFigures(name, 0, None, **baseline) for name in shifts]
+    if progress and results:
+        progress(results[0])
+    for name, levels in shifts.items():
+        for severity, level in enumerate(levels, start=1):
+            scores, maps, masks = score_variant(
+                model, split, batch_size, shift=name, level=level, severity=severity, seed=seed
+            )
+            result = ShiftFigures(name, severity, float(level), **split_figures(split, scores, maps, masks, threshold))
+            results.append(result)
+            if progress:
+                progress(result)
+    return results
