@@ -79,8 +79,14 @@ def _translation(level: float, generator: torch.Generator, height: int, width: i
 
 
 def _affine(image: torch.Tensor, angle: float, offset: list[int], interpolation: InterpolationMode) -> torch.Tensor:
-    # What comes into view is black: a controlled shift has no scene beyond the frame.
-    return tvf.affine(image, angle=angle, translate=offset, scale=1.0, shear=[0.0, 0.0], interpolation=interpolation, fill=0)
+    """Rotate about the centre and translate `[C, H, W]`; what comes into view is the picture
+    mirrored at its edges (as a camera moved over more of the same scene would see), not the
+    black corners that would read as defects. Masks mirror with their images."""
+    height, width = image.shape[-2:]
+    pad_y, pad_x = height // 2, width // 2  # covers any angle and a shift of up to half the side
+    padded = torch.nn.functional.pad(image[None].float(), (pad_x, pad_x, pad_y, pad_y), mode="reflect")[0]
+    moved = tvf.affine(padded, angle=angle, translate=offset, scale=1.0, shear=[0.0, 0.0], interpolation=interpolation)
+    return moved[:, pad_y : pad_y + height, pad_x : pad_x + width].round_().clamp_(0, 255).to(image.dtype)
 
 
 def kelvin_to_rgb(kelvin: float) -> tuple[float, float, float]:

@@ -109,3 +109,10 @@ def test_bad_calls_name_what_was_expected() -> None:
         apply_shift("blur", 1.0, images.float(), None, [0])
     with pytest.raises(ValueError, match="1 images but 2 seeds"):
         apply_shift("blur", 1.0, images, None, [0, 1])
+
+
+@pytest.mark.parametrize(("name", "level"), [("rotation", 10.0), ("translation", 0.2)])
+def test_geometric_shifts_bring_no_black_corners_into_view(name: str, level: float) -> None:
+    grey = torch.full((1, 3, 40, 40), 128, dtype=torch.uint8)
+    shifted, _ = apply_shift(name, level, grey, None, [3])
+    assert torch.equal(shifted, grey)  # the mirrored scene, not a black fill
