@@ -1,6 +1,6 @@
 """jobs.score against PadimModel.predict in one process, and jobs.score's memory as images grow.
 
-    python -m bench.bench_score [--throughput-images 400] [--actors 1,2] [--memory-images 2000,20000]
+    python -m bench.bench_score [--throughput-images 8000] [--actors 1,2] [--memory-images 2000,20000]
                                 [--image-size 128] [--source-side 0] [--work DIR] [--json FILE]
 
 Uses the bottle images of MVTec AD (`PADIM_TEST_DATA`, default ../shared/data), repeated as
@@ -190,7 +190,7 @@ def run_job(archives: list[Path], model_file: Path, actors: int, work: Path, tag
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="an MVTec AD category folder")
-    parser.add_argument("--throughput-images", type=int, default=400, help="images for the throughput part (0: skip)")
+    parser.add_argument("--throughput-images", type=int, default=8000, help="images for the throughput part (0: skip)")
     parser.add_argument("--actors", default="1,2", help="actor pool sizes to time")
     parser.add_argument("--memory-images", default="2000,20000", help="image counts for the memory part ('': skip)")
     parser.add_argument("--image-size", type=int, default=128, help="the model's input side")

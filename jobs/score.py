@@ -33,11 +33,12 @@ from mlflow import MlflowClient
 
 from jobs import ray_runtime, score_table, tracking
 from jobs.score_models import ModelEntry, ModelError, resolve_models
-from jobs.score_pipeline import CategoryRouter, ModelHandle, RowOptions, build_dataset, plan_pool
+from jobs.score_pipeline import ModelHandle, RowOptions, build_dataset, plan_pool
+from jobs.score_reading import CategoryRouter
 from jobs.score_summary import ScoreSummary, Tally, format_summary, progress_line
 from jobs.sources import Discovery, SourceError, discover
 from padim_core.config import ConfigError, ExperimentConfig, load_config
-from padim_core.images import IMAGE_SUFFIXES
+from padim_core.image_files import IMAGE_SUFFIXES
 from padim_core.viz import score_histogram_figure
 
 PROGRESS_SECONDS = 10.0

@@ -6,9 +6,9 @@
       .map_batches(ScoreActor, compute=ActorPoolStrategy(size=actors))
                                             actors: each loads a category's model once, then scores
 
-Everything streams: Ray Data keeps a bounded number of blocks in flight, so memory does not
-grow with the number of images, and nothing here collects the dataset. An image that cannot
-be read or decoded travels on as a row with `error` set and skips the model.
+Everything streams: the blocks in flight between the stages are capped (`MIN_IN_FLIGHT_BYTES`),
+so memory does not grow with the number of images, and nothing here collects the dataset. An
+image that cannot be read or decoded travels on as a row with `error` set and skips the model.
 
 Decoded images travel as uint8 (4x smaller than float32 through the object store); each
 actor makes the normalised tensor with the model's own `ImageTransform`, the same code path
@@ -17,14 +17,12 @@ actor makes the normalised tensor with the model's own `ImageTransform`, the sam
 
 from __future__ import annotations
 
-import fnmatch
 import io
 import os
 import tempfile
-import warnings
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -32,17 +30,31 @@ import ray
 from PIL import Image
 
 from jobs import ray_runtime
-from jobs.score_table import UNKNOWN_CATEGORY, row_schema
-from jobs.sources import Input, read_unit
+from jobs.score_decoding import decode_batch
+from jobs.score_reading import CategoryRouter, read_rows
+from jobs.score_table import row_schema
+from jobs.sources import Input
 from padim_core.config import ConfigError
-from padim_core.images import ImageDecodeError, ImageTransform
+from padim_core.images import ImageTransform
 
-DECODE_CPUS = 0.5
+READ_CPUS = 0.1
+"""Per read task. Reading waits on the disk or network and on the decoders downstream, and one
+archive is one task for as long as it streams: a whole CPU would keep an actor from starting
+(measured: the first scores after 5 minutes instead of 25 s on 2 CPUs). How many read at once
+is `PoolPlan.readers`; a reader's process imports no torch (see `jobs.score_reading`)."""
+
+DECODE_CPUS = 0
+"""Per decode task: none. Ray Data shares the CPUs it may use between its stages in fixed parts,
+which on a 2-CPU node leaves room for one decode task beside an actor, when decoding a photo
+takes about twice the CPU time of scoring it: two decoders scored bottle photos 1.4x faster.
+The number of decode tasks is capped by `PoolPlan.decoders` instead, and Ray Data spreads them
+over the nodes (its default scheduling strategy)."""
+
 DECODE_MEMORY = 1024**3
-"""Per decode task. The memory reservation keeps Ray from starting more decodes of large images
-than a node can hold (a 100-megapixel image needs several hundred MB while it is resized); it
-also keeps Ray Data from fusing decoding into the scoring actors, which it does for a task
-stage followed by an actor stage with identical resource requests."""
+"""Per decode task. Keeps Ray from starting more decodes of large images than a node can hold
+(a 100-megapixel image needs several hundred MB while it is resized). It also keeps Ray Data
+from fusing decoding into the scoring actors, which it does for a task stage followed by an
+actor stage with identical resource requests."""
 
 BLOCK_BYTES = 16 * 1024**2
 """Target size of a block: about 30 encoded 900 x 900 photos (see `build_dataset`)."""
@@ -52,110 +64,6 @@ MIN_IN_FLIGHT_BYTES = 512 * 1024**2
 """Object-store memory the pipeline may fill with blocks between its stages. Reading is far
 faster than scoring, so without a cap Ray Data reads ahead until its default budget (a share of
 the whole object store) is full, and the footprint grows with the input up to that point."""
-
-DECODED_SCHEMA = pa.schema([
-    pa.field("source", pa.string(), nullable=False),
-    pa.field("category", pa.string(), nullable=False),
-    pa.field("pixels", pa.binary()),  # uint8 [H, W, 3] at the model's input size
-    pa.field("height", pa.int32()),  # of the original image
-    pa.field("width", pa.int32()),
-    pa.field("error", pa.string()),
-    pa.field("skipped", pa.bool_(), nullable=False),
-])
-
-
-# ------------------------------------------------------------------------------ routing
-@dataclass(frozen=True)
-class CategoryRouter:
-    """Which category (so which model) an image belongs to.
-
-    In order: `fixed` (`--category`), the first `routes` pattern (`--route PATTERN=CATEGORY`,
-    shell-style, matched against the image's `source`), a `category` column of a Parquet
-    input, the first folder level under the input root or inside the archive.
-    """
-
-    known: tuple[str, ...]
-    fixed: str | None = None
-    routes: tuple[tuple[str, str], ...] = ()
-
-    def route(self, source: str, relative: str | None, hint: str | None) -> tuple[str, str | None]:
-        """(category, error): the error says why an image has no usable model."""
-        category = self.fixed
-        if category is None:
-            category = next((name for pattern, name in self.routes if fnmatch.fnmatchcase(source, pattern)), None)
-        if category is None:
-            category = hint
-        if category is None and relative and "/" in relative:
-            category = relative.split("/", 1)[0]
-        if category is None:
-            return UNKNOWN_CATEGORY, (
-                f"cannot tell the category of {source}: it is not inside a category folder; "
-                "pass --category NAME or --route PATTERN=NAME"
-            )
-        if category not in self.known:
-            return category, f"no model for category {category!r} (models: {', '.join(self.known)})"
-        return category, None
-
-
-def read_rows(unit: dict[str, Any], inputs: Sequence[Input], router: CategoryRouter) -> Iterator[dict[str, Any]]:
-    """flat_map: the rows of one unit, with their category."""
-    for record in read_unit(unit, inputs):
-        category, problem = router.route(record.source, record.relative, record.category)
-        yield {
-            "source": record.source,
-            "category": category,
-            "data": record.data if problem is None else None,
-            "error": record.error or (None if record.skipped else problem),
-            "skipped": record.skipped,
-        }
-
-
-# ----------------------------------------------------------------------------- decoding
-def decode_batch(batch: pa.Table, transforms: Mapping[str, ImageTransform]) -> pa.Table:
-    """map_batches (tasks): bytes -> uint8 pixels at the category's model size, and the original size."""
-    sources = batch.column("source").to_pylist()
-    categories = batch.column("category").to_pylist()
-    datas = batch.column("data").to_pylist()
-    errors = batch.column("error").to_pylist()
-    pixels: list[bytes | None] = [None] * len(sources)
-    heights: list[int | None] = [None] * len(sources)
-    widths: list[int | None] = [None] * len(sources)
-    with warnings.catch_warnings():
-        # padim_core refuses images above its own pixel limit, PIL's warning below that is noise
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        for index, (source, category, data) in enumerate(zip(sources, categories, datas)):
-            if data is None or errors[index] is not None:
-                continue
-            try:
-                pixels[index] = transforms[category].to_array(data, name=source).tobytes()
-                heights[index], widths[index] = original_size(data)
-            except ImageDecodeError as error:
-                errors[index] = str(error)
-            except Exception as error:  # noqa: BLE001 - one bad image is a row with an error, never a failed job
-                errors[index] = f"cannot decode image {source}: {type(error).__name__}: {error}"
-    return pa.table(
-        {
-            "source": sources, "category": categories, "pixels": pixels, "height": heights, "width": widths,
-            "error": errors, "skipped": batch.column("skipped").to_pylist(),
-        },
-        schema=DECODED_SCHEMA,
-    )
-
-
-_EXIF_ORIENTATION = 0x0112
-_TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
-
-
-def original_size(data: bytes) -> tuple[int, int]:
-    """(height, width) as the image is shown, read from the header (EXIF rotation applied)."""
-    with Image.open(io.BytesIO(data)) as image:
-        width, height = image.size
-        # A PNG's EXIF may follow the pixels, and PIL decodes them all to find it: look only
-        # when the file has an eXIf chunk at all.
-        has_exif = image.format != "PNG" or b"eXIf" in data
-        if has_exif and image.getexif().get(_EXIF_ORIENTATION, 1) in _TRANSPOSED:
-            width, height = height, width
-    return height, width
 
 
 # ------------------------------------------------------------------------------ scoring
@@ -264,24 +172,30 @@ class PoolPlan:
     device: str
     threads: int
     batch_size: int
+    decoders: int
+    readers: int
 
     def describe(self) -> str:
         return (f"{self.actors} scoring actors x ({self.cpus:g} CPU, {self.gpus:g} GPU, {self.threads} torch threads, "
-                f"device {self.device}), batches of {self.batch_size}")
+                f"device {self.device}), up to {self.decoders} decode and {self.readers} read tasks, "
+                f"batches of {self.batch_size}")
 
 
 def plan_pool(actors: int, batch_size: int, num_gpus: str | float, cluster: Mapping[str, float], node_cpus: float) -> PoolPlan:
-    """Size the actors from the config and the cluster.
+    """Size the actors and the decode tasks from the config and the cluster.
 
-    On GPUs each actor takes `num_gpus` and one CPU. On CPUs the actors together reserve half
-    the cluster's CPUs, leaving the other half to the decode tasks that feed them (decoding a
-    photo costs about as much CPU as scoring it), and torch in each actor gets as many threads
-    as the actor reserves whole CPUs: more would only spin against the decoders.
+    On GPUs each actor takes `num_gpus` and one CPU. On CPUs the actors together take half the
+    cluster's CPUs (less a read task's share), and torch in each actor gets one thread per whole
+    CPU of its half: more would only spin against the decoders. Either way up to one decode task
+    per CPU runs beside them (see `DECODE_CPUS`), fed by one read task per 8 CPUs: reading an
+    image costs a small fraction of decoding it.
     """
     try:
         gpus = ray_runtime.resolve_num_gpus(num_gpus, float(cluster.get("GPU", 0)))
     except ValueError as error:
         raise ConfigError(str(error).replace("fit.num_gpus", "scoring.num_gpus").replace("fit tasks", "scoring actors")) from None
+    decoders = max(1, int(cluster.get("CPU", 1)))
+    readers = max(1, decoders // 8)
     if gpus > 0:
         needed = actors * gpus
         if needed > cluster.get("GPU", 0):
@@ -289,9 +203,10 @@ def plan_pool(actors: int, batch_size: int, num_gpus: str | float, cluster: Mapp
                 f"scoring.actors={actors} with {gpus:g} GPU each needs {needed:g} GPUs; the Ray cluster has "
                 f"{cluster.get('GPU', 0):g}; lower scoring.actors or scoring.num_gpus"
             )
-        return PoolPlan(actors, 1.0, gpus, "cuda", 1, batch_size)
-    cpus = min(float(cluster.get("CPU", 1)) / (2 * actors), node_cpus / 2)
-    return PoolPlan(actors, cpus, 0.0, "cpu", ray_runtime.torch_threads(cpus), batch_size)
+        return PoolPlan(actors, 1.0, gpus, "cuda", 1, batch_size, decoders, readers)
+    share = min(float(cluster.get("CPU", 1)) / (2 * actors), node_cpus / 2)
+    threads = ray_runtime.torch_threads(share)
+    return PoolPlan(actors, share - READ_CPUS / actors, 0.0, "cpu", threads, batch_size, decoders, readers)
 
 
 def build_dataset(
@@ -304,7 +219,7 @@ def build_dataset(
     options: RowOptions,
 ) -> ray.data.Dataset:
     """The lazy dataset of score rows (in `score_table.row_schema`); iterating it runs the job."""
-    from ray.data import ActorPoolStrategy, DataContext, ExecutionResources
+    from ray.data import ActorPoolStrategy, DataContext, ExecutionResources, TaskPoolStrategy
 
     # The dataset keeps the context it was built under. Ray's default block size (128 MiB)
     # would put hundreds of encoded images in one block, and one block is one decode task:
@@ -319,10 +234,14 @@ def build_dataset(
     with DataContext.current(context):
         return (
             ray.data.from_items(units)
-            .flat_map(read_rows, fn_kwargs={"inputs": list(inputs), "router": router})
+            .flat_map(
+                read_rows, fn_kwargs={"inputs": list(inputs), "router": router},
+                compute=TaskPoolStrategy(size=plan.readers), num_cpus=READ_CPUS,
+            )
             .map_batches(
                 decode_batch, batch_size=plan.batch_size, batch_format="pyarrow",
-                fn_kwargs={"transforms": dict(transforms)}, num_cpus=DECODE_CPUS, memory=DECODE_MEMORY,
+                fn_kwargs={"transforms": dict(transforms)}, compute=TaskPoolStrategy(size=plan.decoders),
+                num_cpus=DECODE_CPUS, memory=DECODE_MEMORY,
             )
             .map_batches(
                 ScoreActor, batch_size=plan.batch_size, batch_format="pyarrow",

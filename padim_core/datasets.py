@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from padim_core.images import is_image_name
+from padim_core.image_files import is_image_name
 
 NORMAL_DEFECT = "good"
 EXPECTED_LAYOUT = "<root>/<category>/train/good/<images>, with optional test/<defect>/ and ground_truth/<defect>/"

@@ -18,8 +18,6 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.io import decode_png
 from torchvision.transforms.v2.functional import resize
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-
 MAX_PIXELS = 100_000_000
 """Images above this many pixels are refused before decoding (a 100-megapixel RGB image is 300 MB).
 
@@ -40,11 +38,6 @@ _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 class ImageDecodeError(ValueError):
     """An image source that cannot be decoded; the message names the source and the reason."""
-
-
-def is_image_name(name: str) -> bool:
-    """Whether a file name has one of the `IMAGE_SUFFIXES` (any case)."""
-    return name.lower().endswith(IMAGE_SUFFIXES)
 
 
 def decode_image(

@@ -11,14 +11,8 @@ import tifffile
 import torch
 from PIL import Image
 
-from padim_core.images import (
-    IMAGE_SUFFIXES,
-    ImageDecodeError,
-    ImageTransform,
-    decode_image,
-    is_image_name,
-    load_mask,
-)
+from padim_core.image_files import IMAGE_SUFFIXES, is_image_name
+from padim_core.images import ImageDecodeError, ImageTransform, decode_image, load_mask
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)

@@ -44,7 +44,8 @@ def test_batch_size_does_not_change_results(fitted):
     images = _images(5, seed=9)
     scores, maps = fitted.predict(images)
     single = torch.cat([fitted.predict(images[i : i + 1])[0] for i in range(5)])
-    torch.testing.assert_close(single, scores, rtol=1e-5, atol=1e-5)
+    # oneDNN may pick another convolution algorithm per batch size: float rounding, ~1e-4 relative.
+    torch.testing.assert_close(single, scores, rtol=1e-3, atol=1e-3)
 
 
 def test_training_images_score_lower_than_noise(fitted):

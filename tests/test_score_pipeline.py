@@ -12,8 +12,10 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
+from jobs.score_decoding import decode_batch, original_size
+from jobs.score_pipeline import plan_pool
+from jobs.score_reading import CategoryRouter
 from jobs.score_summary import ScoreSample, Tally
-from jobs.score_pipeline import CategoryRouter, decode_batch, original_size, plan_pool
 from jobs.score_table import UNKNOWN_CATEGORY, row_schema
 from padim_core.config import ConfigError
 from padim_core.images import ImageTransform
@@ -122,11 +124,11 @@ def test_routing_order_fixed_then_routes_then_column_then_folder() -> None:
 
 def test_pool_plan_shares_cpus_with_the_decoders_and_checks_gpus() -> None:
     one = plan_pool(1, 32, "auto", {"CPU": 2.0}, 2.0)
-    assert (one.cpus, one.gpus, one.device, one.threads) == (1.0, 0.0, "cpu", 1)
+    assert (one.cpus, one.gpus, one.device, one.threads, one.decoders, one.readers) == (0.9, 0.0, "cpu", 1, 2, 1)
     two = plan_pool(2, 32, "auto", {"CPU": 2.0}, 2.0)
-    assert (two.cpus, two.threads) == (0.5, 1)
-    big = plan_pool(2, 32, 0, {"CPU": 64.0, "GPU": 4.0}, 16.0)
-    assert (big.cpus, big.threads, big.device) == (8.0, 8, "cpu")
+    assert (two.cpus, two.threads) == (0.45, 1)
+    big = plan_pool(2, 32, 0, {"CPU": 64.0, "GPU": 4.0}, 16.0)  # an actor must fit on one 16-CPU node
+    assert (big.cpus, big.threads, big.device, big.decoders, big.readers) == (7.95, 8, "cpu", 64, 8)
     gpu = plan_pool(2, 32, "auto", {"CPU": 8.0, "GPU": 2.0}, 8.0)
     assert (gpu.gpus, gpu.device, gpu.cpus) == (1.0, "cuda", 1.0)
     with pytest.raises(ConfigError, match="scoring.actors=3"):
