@@ -30,7 +30,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import ray
-import yaml
 from mlflow import MlflowClient
 
 from jobs import ray_runtime, tracking
@@ -285,18 +284,14 @@ def run(config: ExperimentConfig, config_file: Path) -> int:
     parent_id = None
     child_ids: dict[str, str] = {}
     try:
-        num_gpus = ray_runtime.resolve_num_gpus(config.fit.num_gpus, ray_runtime.cluster_gpus())
-        device = ray_runtime.task_device(config.fit.device, num_gpus)
-        threads = ray_runtime.torch_threads(config.fit.num_cpus)
+        num_gpus, device, threads = ray_runtime.task_resources(config.fit)
         print(f"jobs.fit: {where}; per task {config.fit.num_cpus:g} CPUs, {num_gpus:g} GPUs, device {device}", flush=True)
         parent_id = tracking.start_parent_run(
-            client, experiment_id, f"fit-{time.strftime('%Y%m%d-%H%M%S')}",
+            client, experiment_id, "fit",
             params={**tracking.flat_params(config.to_dict()), "categories": ",".join(categories),
                     "num_gpus_per_task": num_gpus, "device": device},
-            tags={"job": "jobs.fit", "data_root": str(root), "ray": where},
+            tags={"data_root": str(root), "ray": where}, config=config, config_file=config_file,
         )
-        client.log_artifact(parent_id, str(config_file), "config")
-        client.log_text(parent_id, yaml.safe_dump(config.to_dict(), sort_keys=False), "config/resolved.yaml")
         params = tracking.model_params(config)
         task = ray.remote(fit_category)
         pending = {}

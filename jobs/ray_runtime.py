@@ -92,6 +92,12 @@ def task_device(setting: str, num_gpus: float) -> str:
     return "cuda" if num_gpus > 0 else "cpu"
 
 
+def task_resources(fit: Any) -> tuple[float, str, int]:
+    """GPUs, torch device and torch threads of each per-category task, from a config's `fit` section."""
+    num_gpus = resolve_num_gpus(fit.num_gpus, cluster_gpus())
+    return num_gpus, task_device(fit.device, num_gpus), torch_threads(fit.num_cpus)
+
+
 def torch_threads(num_cpus: float) -> int:
     """Intra-op threads for a task holding `num_cpus` Ray CPUs (at least one)."""
     return max(1, int(num_cpus))

@@ -201,8 +201,7 @@ def _start_run(
         "gpus_per_actor": plan.gpus, "device": plan.device,
         **{f"model.{name}": entry.uri for name, entry in catalog.items()},
     }
-    tags = {"job": "jobs.score", "output": str(output)}
-    return tracking.start_parent_run(client, experiment_id, f"score-{time.strftime('%Y%m%d-%H%M%S')}", params, tags)
+    return tracking.start_parent_run(client, experiment_id, "score", params, {"output": str(output)})
 
 
 def _finish_run(client: MlflowClient, run_id: str, summary: ScoreSummary) -> None:

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import ray
-import yaml
 from mlflow import MlflowClient
 
 from jobs import ray_runtime, tracking
@@ -117,18 +116,14 @@ def run(config: ExperimentConfig, config_file: Path, models: str | None) -> int:
     where = ray_runtime.connect()
     parent_id = None
     try:
-        num_gpus = ray_runtime.resolve_num_gpus(config.fit.num_gpus, ray_runtime.cluster_gpus())
-        device = ray_runtime.task_device(config.fit.device, num_gpus)
-        threads = ray_runtime.torch_threads(config.fit.num_cpus)
+        num_gpus, device, threads = ray_runtime.task_resources(config.fit)
         print(f"jobs.shift: {where}; per task {config.fit.num_cpus:g} CPUs, {num_gpus:g} GPUs, device {device}", flush=True)
         parent_id = tracking.start_parent_run(
-            client, experiment_id, f"shift-{time.strftime('%Y%m%d-%H%M%S')}",
+            client, experiment_id, "shift",
             params={**tracking.flat_params({"shift": config.to_dict()["shift"]}), "categories": ",".join(categories),
                     "models": models, "device": device},
-            tags={"job": "jobs.shift", "data_root": str(root), "ray": where},
+            tags={"data_root": str(root), "ray": where}, config=config, config_file=config_file,
         )
-        client.log_artifact(parent_id, str(config_file), "config")
-        client.log_text(parent_id, yaml.safe_dump(config.to_dict(), sort_keys=False), "config/resolved.yaml")
         task = ray.remote(shift_category)
         pending = {}
         for name in categories:

@@ -28,6 +28,7 @@ from typing import Any, Iterator, Mapping
 import mlflow
 import numpy as np
 import pandas as pd
+import yaml
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.models import ModelSignature
@@ -157,11 +158,19 @@ def model_params(config: Any) -> dict[str, str]:
 
 
 def start_parent_run(
-    client: MlflowClient, experiment_id: str, run_name: str, params: Mapping[str, str], tags: Mapping[str, str]
+    client: MlflowClient, experiment_id: str, job: str, params: Mapping[str, Any], tags: Mapping[str, str],
+    config: Any = None, config_file: Path | None = None,
 ) -> str:
-    run = client.create_run(experiment_id, run_name=run_name, tags=dict(tags))
-    log_values(client, run.info.run_id, params=params)
-    return run.info.run_id
+    """The RUNNING run of one invocation of `jobs.<job>`, named `<job>-<date>-<time>`; with a
+    config, the file as given and as resolved (overrides applied) go along as artifacts."""
+    name = f"{job}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_id = client.create_run(experiment_id, run_name=name, tags={"job": f"jobs.{job}", **tags}).info.run_id
+    log_values(client, run_id, params=params)
+    if config_file is not None:
+        client.log_artifact(run_id, str(config_file), "config")
+    if config is not None:
+        client.log_text(run_id, yaml.safe_dump(config.to_dict(), sort_keys=False), "config/resolved.yaml")
+    return run_id
 
 
 def start_child_run(

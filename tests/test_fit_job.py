@@ -228,7 +228,7 @@ def test_failing_category_returns_the_reason_and_marks_its_run_failed(tmp_path: 
     client = MlflowClient(uri)
     experiment = tracking.prepare_experiment(client, "unit", uri, tmp_path)
     config = load_config(CONFIG, ["padim.image_size=64"])
-    parent = tracking.start_parent_run(client, experiment, "parent", {}, {})
+    parent = tracking.start_parent_run(client, experiment, "fit", {}, {})
     run_id = tracking.start_child_run(client, experiment, parent, "missing", tracking.model_params(config))
     request = fit.FitRequest("missing", str(tmp_path / "missing"), config, str(tmp_path / "models"), uri, run_id, "cpu", 1)
     result = fit.fit_category(request)
