@@ -109,22 +109,22 @@ SHIFTS: dict[str, ShiftKind] = {
     kind.name: kind
     for kind in (
         ShiftKind("brightness", "factor on every pixel (1: unchanged)", "a number > 0", lambda v: v > 0,
-                  (0.85, 0.7, 0.55, 0.4), apply=_brightness),
+                  (0.98, 0.95, 0.9, 0.8, 0.6), apply=_brightness),
         ShiftKind("contrast", "factor on the distance to the mean grey (1: unchanged)", "a number > 0", lambda v: v > 0,
-                  (0.85, 0.7, 0.55, 0.4), apply=_contrast),
+                  (0.98, 0.95, 0.9, 0.8, 0.6), apply=_contrast),
         ShiftKind("blur", "Gaussian sigma in pixels of the model input", "a number > 0", lambda v: v > 0,
-                  (0.5, 1.0, 2.0, 4.0), apply=_blur),
+                  (0.5, 1.0, 1.5, 2.0, 4.0), apply=_blur),
         ShiftKind("noise", "Gaussian noise sigma as a fraction of full scale", "a number in (0, 1]", lambda v: 0 < v <= 1,
-                  (0.02, 0.05, 0.1, 0.2), apply=_noise),
+                  (0.005, 0.01, 0.02, 0.05, 0.1), apply=_noise),
         ShiftKind("jpeg", "JPEG quality of a re-compression", "an integer from 1 to 100",
-                  lambda v: float(v).is_integer() and 1 <= v <= 100, (75, 50, 25, 10), apply=_jpeg),
+                  lambda v: float(v).is_integer() and 1 <= v <= 100, (90, 75, 50, 25, 10), apply=_jpeg),
         ShiftKind("rotation", "degrees, either way at random", "a number in (0, 180]", lambda v: 0 < v <= 180,
-                  (1.0, 2.0, 5.0, 10.0), motion=_rotation),
+                  (0.5, 1.0, 2.0, 5.0, 10.0), motion=_rotation),
         ShiftKind("translation", "fraction of the image side, in a random direction", "a number in (0, 0.5]",
-                  lambda v: 0 < v <= 0.5, (0.01, 0.02, 0.05, 0.1), motion=_translation),
+                  lambda v: 0 < v <= 0.5, (0.005, 0.01, 0.02, 0.05, 0.1), motion=_translation),
         ShiftKind("colour_temperature", f"kelvin of the light, the camera balanced for {NEUTRAL_KELVIN:g} K",
                   "a number from 1000 to 40000", lambda v: 1000 <= v <= 40000,
-                  (5500.0, 4500.0, 3500.0, 2500.0), apply=_colour_temperature),
+                  (6000.0, 5500.0, 4500.0, 3500.0, 2500.0), apply=_colour_temperature),
     )
 }
 
