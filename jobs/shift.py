@@ -193,8 +193,9 @@ def progress_line(done: int, total: int, result: Mapping[str, Any], tolerance: f
 def write_report(output: Path, results: Sequence[Mapping[str, Any]], config: ExperimentConfig, models: str) -> Path:
     """`OUTPUT/shift/`: report.md, figures.csv, a plot per category and results.json.
 
-    Everything is written to a staging folder first and swapped in at the end, so the folder
-    always holds one complete report (the previous one until the new one is ready)."""
+    Everything is written to a staging folder first and renamed into place at the end, so a
+    reader finds the previous report or the new one, never a mix, and a failed job leaves the
+    previous one."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
 
