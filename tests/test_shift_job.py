@@ -119,3 +119,22 @@ def test_report_ranks_the_shifts_that_break_first() -> None:
     table = shift_report.figures_table(rows).splitlines()
     assert table[2].startswith("| (none) | 0 | - | 1.000 | 0.980 |") and len(table) == 2 + 1 + 8
     assert shift_report.flat_metrics(rows[:2])["shift/blur/1/pixel_auroc"] == 0.97
+
+
+def test_a_report_that_fails_midway_leaves_the_previous_one(tmp_path: Path) -> None:
+    from padim_core.config import load_config
+
+    config = load_config(CONFIG, ["shift.shifts={blur: [2]}"])
+    rows = [{"shift": "blur", "severity": severity, "level": level, "image_auroc": auroc, "pixel_auroc": 0.9,
+             "false_positive_rate": 0.1, "false_negative_rate": 0.0} for severity, level, auroc in ((0, None, 1.0), (1, 2.0, 0.8))]
+    good = {"category": "brick", "status": "ok", "error": None, "figures": rows, "n_test": 12,
+            "model_uri": "models/brick.safetensors", "threshold": 1.5, "seconds": 1.0}
+    folder = shift.write_report(tmp_path, [good], config, "models")
+    before = {path.name: path.read_bytes() for path in folder.iterdir()}
+    assert "Breaks first under **blur at severity 1" in before["report.md"].decode()
+    # Fails at the last file (results.json: a set is not JSON), after the plot, table and report.
+    broken = {**good, "figures": [{**row, "image_auroc": 0.5} for row in rows], "seconds": {1.0}}
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        shift.write_report(tmp_path, [broken], config, "models")
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
+    assert [path.name for path in tmp_path.iterdir()] == ["shift"]  # no staging folder left behind
