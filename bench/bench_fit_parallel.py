@@ -1,11 +1,12 @@
 """Fit tasks one at a time versus side by side: does running categories in parallel pay off?
 
-    python bench/bench_fit_parallel.py [--copies 2] [--train 24] [--size 128] [--image-size 128] [--repeats 1]
+    python -m bench.bench_fit_parallel [--copies 2] [--train 24] [--size 128] [--image-size 128] [--repeats 1]
 
 Builds the offline demo data set (brick, grass, gravel; each copied `--copies` times so the
 category count is even and neither mode is left with one task running alone at the end),
-starts an embedded Ray with 2 CPUs and runs jobs.fit's own task (fit, evaluate, pictures, MLflow logging into a scratch SQLite
-store, model registration) for every category, twice over:
+starts an embedded Ray with 2 CPUs and runs jobs.fit's own task (`jobs.fit.job.fit_unit`: fit,
+evaluate, pictures, MLflow logging into a scratch SQLite store, model registration) for every
+category with the config's detector, twice over:
 
   serial:   num_cpus=2 per task, so one task runs at a time, with 2 torch threads
   parallel: num_cpus=1 per task, so two tasks run at once, with 1 torch thread each
@@ -25,9 +26,10 @@ from pathlib import Path
 import ray
 from mlflow import MlflowClient
 
-from jobs import tracking
-from jobs.fit import OK, FitRequest, fit_category
-from padim_core.config import load_config
+from jobs.common import tracking
+from jobs.common.config import load_job_config
+from jobs.common.runner import Unit
+from jobs.fit.job import FitRequest, fit_unit
 from padim_core.demo_data import TEXTURE_TINTS, build_demo_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,7 +39,7 @@ CPUS = 2
 @ray.remote
 def _warm_up() -> int:
     """Import what a fit task imports, so neither mode pays for it."""
-    import jobs.fit  # noqa: F401
+    import jobs.fit.job  # noqa: F401
     import padim_core.metrics  # noqa: F401
     import padim_core.viz  # noqa: F401
 
@@ -48,17 +50,19 @@ def run_mode(
     num_cpus: int, categories: list[str], data: Path, config, uri: str, client: MlflowClient, experiment: str, output: Path
 ) -> float:
     """Wall seconds to fit every category with `num_cpus` per task (threads to match)."""
-    parent = tracking.start_parent_run(client, experiment, f"bench num_cpus={num_cpus}", {}, {})
-    task = ray.remote(fit_category)
+    parent = tracking.start_parent_run(client, experiment, "bench-fit-parallel", {"num_cpus": num_cpus}, {})
+    task = ray.remote(fit_unit)
     started = time.perf_counter()
     refs = []
     for name in categories:
-        run_id = tracking.start_child_run(client, experiment, parent, name, tracking.model_params(config))
-        request = FitRequest(name, str(data / name), config, str(output / "models"), uri, run_id, "cpu", num_cpus)
+        unit = Unit(name, config.detector)
+        params = tracking.detector_params(config, unit.detector)
+        run_id = tracking.start_child_run(client, experiment, parent, unit.category, unit.detector, params)
+        request = FitRequest(unit, str(data / name), config, str(output / "models"), uri, run_id, "cpu", num_cpus)
         refs.append(task.options(num_cpus=num_cpus, num_gpus=0).remote(request))
     results = ray.get(refs)
     seconds = time.perf_counter() - started
-    failed = [f"{result['category']}: {result['error']}" for result in results if result["status"] != OK]
+    failed = [f"{result.label}: {result.error}" for result in results if not result.ok]
     if failed:
         raise SystemExit(f"fit failed: {failed}")
     tracking.end_run(client, parent)
@@ -82,7 +86,8 @@ def main() -> None:
             for copy in range(1, args.copies):
                 shutil.copytree(data / name, data / f"{name}_{copy}")
                 categories.append(f"{name}_{copy}")
-        config = load_config(REPO / "configs" / "demo.yaml", [f"padim.image_size={args.image_size}", "fit.heatmap_examples=2"])
+        overrides = [f"padim.image_size={args.image_size}", "fit.heatmap_examples=2"]
+        config = load_job_config(REPO / "configs" / "demo.yaml", overrides)
         uri = f"sqlite:///{folder / 'mlflow.db'}"
         client = MlflowClient(uri)
         experiment = tracking.prepare_experiment(client, "bench", uri, folder)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from padim_core.model import PadimModel
+from padim_core.padim import PadimModel
 
 LAYERS = ["blocks.1", "blocks.2", "blocks.4"]
 
@@ -39,7 +39,7 @@ def run(device: str, images: torch.Tensor, batch_size: int, image_size: int) -> 
     accumulator = model.accumulate(batch.to(device) for batch in batches)
     synchronize()
     accumulated = time.perf_counter()
-    model.fit_accumulator(accumulator, model.grid_shape)
+    model.fit_accumulator(accumulator)
     synchronize()
     fit_seconds = time.perf_counter() - started
     model.predict(batches[0])  # warm-up: this model's tracing on the CPU
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
-        print("bench_gpu: no CUDA GPU here", file=sys.stderr)
+        print("bench_gpu: needs a CUDA GPU and torch sees none here; nothing was measured", file=sys.stderr)
         return 2
     torch.set_num_threads(os.cpu_count() or 1)
     images = torch.rand(args.images, 3, args.image_size, args.image_size, generator=torch.Generator().manual_seed(0)) * 2 - 1

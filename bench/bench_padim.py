@@ -8,6 +8,9 @@ Prints, on the bottle images (decoding included unless said otherwise):
   2. predict throughput on already-decoded tensors against the backbone's own forward pass
      (the truncated feature extractor, sped up the same way), same batch size;
   3. peak memory of a fit on 100 and on 1,600 training images (each in a fresh process).
+
+anomalib's side is set up by `tests/support/anomalib_reference.py`, which the parity tests use
+too; run from the repository root, where `tests` is importable.
 """
 
 from __future__ import annotations
@@ -22,11 +25,11 @@ from pathlib import Path
 
 import torch
 
-from bench.anomalib_reference import anomalib_fit, anomalib_padim, anomalib_predict
 from padim_core.acceleration import optimize_for_inference
 from padim_core.datasets import MvtecCategory
 from padim_core.loader import image_batches
-from padim_core.model import PadimModel
+from padim_core.padim import PadimModel
+from tests.support.anomalib_reference import anomalib_fit, anomalib_padim, anomalib_predict
 
 LAYERS = ["blocks.1", "blocks.2", "blocks.4"]
 DEFAULT_DATA = Path(os.environ.get("PADIM_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "mvtec_ad" / "bottle"
@@ -92,7 +95,7 @@ def fit_peak_rss(data: Path, images: int, size: int, batch_size: int) -> float:
     code = (
         "import itertools, json; from padim_core.datasets import MvtecCategory; "
         "from padim_core.evaluate import peak_rss_mb; "
-        "from padim_core.loader import image_batches; from padim_core.model import PadimModel; "
+        "from padim_core.loader import image_batches; from padim_core.padim import PadimModel; "
         f"c = MvtecCategory.from_folder({str(data)!r}); m = PadimModel('efficientnet_lite0', {LAYERS!r}, 100, {size}); "
         f"paths = list(itertools.islice(itertools.cycle(c.train_images), {images})); "
         f"m.fit(image_batches(paths, m.transform, {batch_size}, 2)); "

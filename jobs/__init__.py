@@ -1,1 +1,2 @@
-"""Orchestration: Ray tasks and MLflow tracking around `padim_core`. Entry points: `python -m jobs.<name>`."""
+"""jobs: Ray and MLflow orchestration of the detectors in `padim_core`, one package per job
+(`fit`, `score`, `shift`, `demo`) over a shared core (`jobs.common`)."""

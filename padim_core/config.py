@@ -1,92 +1,80 @@
 """Experiment configs: YAML files and `key.sub=value` overrides -> frozen, validated dataclasses.
 
-Everything is checked when the config is loaded, on the machine that submits the job, rather
-than inside a Ray task halfway through a cluster run. Every error names the key path, the bad
-value and what would be accepted.
+This module holds the config machinery (validators, sections, YAML and overrides) and the
+detectors' own sections: which detector, its settings, the data, calibration and shifts. The
+jobs add their sections (Ray tasks, scoring, tracking) by subclassing `ExperimentConfig`
+(`jobs.common.config`). Everything is checked when the config is loaded, on the machine that
+submits the job, rather than inside a Ray task halfway through a cluster run. Every error names
+the key path, the bad value and what would be accepted.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import yaml
 
-from padim_core.backbones import BackboneError, get_backbone
+from padim_core.backbones import get_backbone
+from padim_core.coreset import DEFAULT_CHUNK_PATCHES, DEFAULT_PROJECTION_DIM
+from padim_core.detector import KINDS, Detector, detector_class
+from padim_core.errors import BackboneError, ConfigError
+from padim_core.model_file import MAX_IMAGE_SIDE
 from padim_core.shifts import SHIFTS
 
 
-class ConfigError(ValueError):
-    """A config file, override or value that cannot be used."""
-
-
-# MLflow's rules for registered-model aliases (mlflow.utils.validation): "latest" and "v<N>"
-# are reserved because `models:/name@alias` URIs would clash with version references.
-_ALIAS_PATTERN = re.compile(r"^[\w\-]{1,255}$")
-_VERSION_ALIAS = re.compile(r"^[vV]\d+$")
-
-
-def _describe(value: Any) -> str:
+def describe_value(value: Any) -> str:
     return f"{value!r} ({type(value).__name__})"
 
 
-def _int(key: str, value: Any, minimum: int) -> int:
+def check_int(key: str, value: Any, minimum: int, maximum: int | None = None) -> int:
     # bool is a subclass of int in Python; `n_features: true` is a mistake, not 1.
+    allowed = f"an integer >= {minimum}" + (f" and <= {maximum}" if maximum is not None else "")
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{key}: expected an integer >= {minimum}, got {_describe(value)}")
-    if value < minimum:
-        raise ConfigError(f"{key}: {value} is too small; allowed: an integer >= {minimum}")
+        raise ConfigError(f"{key}: expected {allowed}, got {describe_value(value)}")
+    if value < minimum or (maximum is not None and value > maximum):
+        raise ConfigError(f"{key}: {value} is out of range; allowed: {allowed}")
     return value
 
 
-def _float(key: str, value: Any, allowed: str, ok: Callable[[float], bool]) -> float:
+def check_float(key: str, value: Any, allowed: str, ok: Callable[[float], bool]) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{key}: expected a number ({allowed}), got {_describe(value)}")
-    if not ok(value):
+        raise ConfigError(f"{key}: expected a number ({allowed}), got {describe_value(value)}")
+    if not math.isfinite(value) or not ok(value):
         raise ConfigError(f"{key}: {value!r} is out of range; allowed: {allowed}")
     return float(value)
 
 
-def _bool(key: str, value: Any) -> bool:
+def check_bool(key: str, value: Any) -> bool:
     if not isinstance(value, bool):
-        raise ConfigError(f"{key}: expected true or false, got {_describe(value)}")
+        raise ConfigError(f"{key}: expected true or false, got {describe_value(value)}")
     return value
 
 
-def _str(key: str, value: Any, choices: Sequence[str] | None = None) -> str:
+def check_str(key: str, value: Any, choices: Sequence[str] | None = None) -> str:
     if not isinstance(value, str) or not value:
         allowed = f"one of {list(choices)}" if choices else "a non-empty string"
-        raise ConfigError(f"{key}: expected {allowed}, got {_describe(value)}")
+        raise ConfigError(f"{key}: expected {allowed}, got {describe_value(value)}")
     if choices is not None and value not in choices:
         raise ConfigError(f"{key}: {value!r} is not allowed; allowed: {list(choices)}")
     return value
 
 
-def _str_list(key: str, value: Any) -> tuple[str, ...]:
+def check_str_list(key: str, value: Any) -> tuple[str, ...]:
     if not isinstance(value, (list, tuple)) or not value:
-        raise ConfigError(f"{key}: expected a non-empty list of strings, got {_describe(value)}")
+        raise ConfigError(f"{key}: expected a non-empty list of strings, got {describe_value(value)}")
     for item in value:
-        _str(f"{key}[]", item)
+        check_str(f"{key}[]", item)
     if len(set(value)) != len(value):
         raise ConfigError(f"{key}: {list(value)} repeats a name; allowed: distinct names")
     return tuple(value)
 
 
-def _gpus(key: str, value: Any) -> str | float:
-    """Ray's rule: fractional GPUs only below one (0.25 shares a GPU; 1.5 is rejected)."""
-    if value == "auto":
-        return value
-    allowed = "'auto', or a number >= 0 (whole numbers above 1, as Ray requires)"
-    if isinstance(value, str):
-        raise ConfigError(f"{key}: {value!r} is not allowed; allowed: {allowed}")
-    return _float(key, value, allowed, lambda v: v >= 0 and (v <= 1 or float(v).is_integer()))
-
-
-class _Section:
-    """Shared by the section dataclasses: check a field and store its normalised value."""
+class Section:
+    """Base of the section dataclasses: check a field and store its normalised value."""
 
     section: ClassVar[str]
 
@@ -94,16 +82,23 @@ class _Section:
         object.__setattr__(self, name, check(f"{self.section}.{name}", getattr(self, name), *args))
 
 
+class DetectorSection(Section):
+    """A detector's section: its fields are the detector's constructor arguments."""
+
+    def detector_kwargs(self) -> dict[str, Any]:
+        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+
+
 @dataclass(frozen=True)
-class PadimConfig(_Section):
-    """The model: which features, how many, and how the Gaussians and maps are made."""
+class PadimConfig(DetectorSection):
+    """PaDiM: which features, how many, and how the Gaussians and maps are made."""
 
     section: ClassVar[str] = "padim"
 
     backbone: str = "efficientnet_lite0"
-    layers: tuple[str, ...] | None = None  # None: the backbone's default_layers
+    layers: tuple[str, ...] | None = None  # None: the backbone's default layers for PaDiM
     n_features: int = 100
-    distance_metric: str = "mahalanobis"
+    distance_metric: str = "mahalanobis"  # the only one PaDiM defines; recorded in the model file
     image_size: int | tuple[int, int] = 256  # square side, or (height, width)
     regularization: float = 0.01
     seed: int = 0
@@ -111,46 +106,17 @@ class PadimConfig(_Section):
     blur_sigma: float = 4.0
 
     def __post_init__(self) -> None:
-        self._check("backbone", _str)
-        try:
-            spec = get_backbone(self.backbone)
-        except BackboneError as error:
-            raise ConfigError(f"padim.backbone: {error}") from None
-        layers = spec.default_layers if self.layers is None else self.layers
-        if not isinstance(layers, (list, tuple)) or not all(isinstance(layer, str) for layer in layers):
-            raise ConfigError(
-                f"padim.layers: expected a list of layer names, got {_describe(layers)}; "
-                f"allowed for {spec.name}: {list(spec.layers)}"
-            )
-        try:
-            object.__setattr__(self, "layers", spec.validate_layers(list(layers)))
-        except BackboneError as error:
-            raise ConfigError(f"padim.layers: {error}") from None
-        self._check("n_features", _int, 1)
+        spec = _check_backbone(self)
+        self._check("n_features", check_int, 1)
         size = spec.embedding_size(self.layers)
         if self.n_features > size:
             raise ConfigError(
                 f"padim.n_features: {self.n_features} is larger than the embedding size {size} of "
                 f"{spec.name} layers {list(self.layers)}; allowed: 1 to {size}"
             )
-        self._check("distance_metric", _str, ("mahalanobis",))
-        self._check_image_size(max(spec.layer_strides[layer] for layer in self.layers))
-        self._check("regularization", _float, ">= 0", lambda v: v >= 0)
-        self._check("seed", _int, 0)
-        self._check("pretrained", _bool)
-        self._check("blur_sigma", _float, ">= 0 (0: no blur)", lambda v: v >= 0)
-
-    def _check_image_size(self, min_side: int) -> None:
-        """Every chosen layer must still have at least one cell: sides >= the deepest stride."""
-        value = self.image_size
-        allowed = f"an integer >= {min_side} or [height, width] of such integers"
-        if isinstance(value, (list, tuple)) and len(value) == 2:
-            sides = tuple(_int(f"padim.image_size[{i}]", side, min_side) for i, side in enumerate(value))
-            object.__setattr__(self, "image_size", sides)
-        elif isinstance(value, int) and not isinstance(value, bool):
-            _int("padim.image_size", value, min_side)
-        else:
-            raise ConfigError(f"padim.image_size: expected {allowed}, got {_describe(value)}")
+        self._check("distance_metric", check_str, ("mahalanobis",))
+        self._check("regularization", check_float, ">= 0", lambda v: v >= 0)
+        self._check("seed", check_int, 0)
 
     @property
     def image_hw(self) -> tuple[int, int]:
@@ -160,7 +126,67 @@ class PadimConfig(_Section):
 
 
 @dataclass(frozen=True)
-class DataConfig(_Section):
+class PatchcoreConfig(DetectorSection):
+    """PatchCore: which features, how much of them the memory bank keeps, how images are scored."""
+
+    section: ClassVar[str] = "patchcore"
+
+    backbone: str = "efficientnet_lite0"
+    layers: tuple[str, ...] | None = None  # None: the backbone's default layers for PatchCore (strides 8 and 16)
+    image_size: int | tuple[int, int] = 256
+    coreset_ratio: float = 0.1  # share of the training patches kept in the memory bank
+    num_neighbors: int = 9  # bank neighbours in the image score's re-weighting (1: the plain maximum)
+    seed: int = 0  # the coreset's random projection and starting points
+    projection_dim: int = DEFAULT_PROJECTION_DIM  # dimensions of the coreset's distance computations
+    chunk_patches: int = DEFAULT_CHUNK_PATCHES  # patches reduced at a time: fit memory and coreset quality
+    pretrained: bool = True
+    blur_sigma: float = 4.0
+
+    def __post_init__(self) -> None:
+        _check_backbone(self)
+        self._check("coreset_ratio", check_float, "0 < ratio <= 1", lambda v: 0 < v <= 1)
+        self._check("num_neighbors", check_int, 1)
+        self._check("seed", check_int, 0)
+        self._check("projection_dim", check_int, 1)
+        self._check("chunk_patches", check_int, 1)
+
+
+
+def _check_backbone(section: DetectorSection) -> Any:
+    """backbone, layers, image_size, pretrained and blur_sigma: what every detector section has."""
+    name = section.section
+    section._check("backbone", check_str)
+    try:
+        spec = get_backbone(section.backbone)
+    except BackboneError as error:
+        raise ConfigError(f"{name}.backbone: {error}") from None
+    layers = spec.default_layers[name] if section.layers is None else section.layers
+    if not isinstance(layers, (list, tuple)) or not all(isinstance(layer, str) for layer in layers):
+        raise ConfigError(
+            f"{name}.layers: expected a list of layer names, got {describe_value(layers)}; "
+            f"allowed for {spec.name}: {list(spec.layers)}"
+        )
+    try:
+        object.__setattr__(section, "layers", spec.validate_layers(list(layers)))
+    except BackboneError as error:
+        raise ConfigError(f"{name}.layers: {error}") from None
+    min_side = max(spec.layer_strides[layer] for layer in section.layers)
+    value = section.image_size
+    allowed = f"an integer from {min_side} to {MAX_IMAGE_SIDE}, or [height, width] of such integers"
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        sides = tuple(check_int(f"{name}.image_size[{i}]", side, min_side, MAX_IMAGE_SIDE) for i, side in enumerate(value))
+        object.__setattr__(section, "image_size", sides)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        check_int(f"{name}.image_size", value, min_side, MAX_IMAGE_SIDE)
+    else:
+        raise ConfigError(f"{name}.image_size: expected {allowed}, got {describe_value(value)}")
+    section._check("pretrained", check_bool)
+    section._check("blur_sigma", check_float, ">= 0 (0: no blur)", lambda v: v >= 0)
+    return spec
+
+
+@dataclass(frozen=True)
+class DataConfig(Section):
     """Where the images are and how they are read."""
 
     section: ClassVar[str] = "data"
@@ -171,84 +197,47 @@ class DataConfig(_Section):
     num_workers: int = 2  # decode threads
 
     def __post_init__(self) -> None:
-        self._check("root", _str)
+        self._check("root", check_str)
         if isinstance(self.categories, str):
             # A single name is a one-item list; "all" keeps its meaning.
             object.__setattr__(self, "categories", self.categories if self.categories == "all" else (self.categories,))
         if self.categories != "all":
             if not isinstance(self.categories, (list, tuple)):
                 raise ConfigError(
-                    f"data.categories: expected 'all' or a list of category names, got {_describe(self.categories)}"
+                    f"data.categories: expected 'all' or a list of category names, got {describe_value(self.categories)}"
                 )
-            self._check("categories", _str_list)
-        self._check("batch_size", _int, 1)
-        self._check("num_workers", _int, 1)
+            self._check("categories", check_str_list)
+        self._check("batch_size", check_int, 1)
+        self._check("num_workers", check_int, 1)
 
 
 @dataclass(frozen=True)
-class FitConfig(_Section):
-    """How fitting is spread over Ray and how the decision threshold is calibrated."""
+class CalibrationConfig(Section):
+    """How the decision threshold is chosen."""
 
-    section: ClassVar[str] = "fit"
+    section: ClassVar[str] = "calibration"
 
-    device: str = "auto"
-    num_gpus: str | float = "auto"  # per fit task; "auto": 1 when the cluster has GPUs, else 0
-    num_cpus: float = 1.0
-    max_retries: int = 2
-    threshold_quantile: float = 0.99
-    heatmap_examples: int = 4
+    threshold_quantile: float = 0.99  # threshold = this quantile of the normal images' scores
 
     def __post_init__(self) -> None:
-        self._check("device", _str, ("auto", "cpu", "cuda"))
-        self._check("num_gpus", _gpus)
-        if self.device == "cuda" and self.num_gpus == 0:
-            raise ConfigError(
-                "fit.num_gpus: 0 with fit.device 'cuda' leaves the Ray task without a GPU; "
-                "allowed: 'auto' or a number > 0, or set fit.device to 'auto' or 'cpu'"
-            )
-        self._check("num_cpus", _float, ">= 0", lambda v: v >= 0)
-        self._check("max_retries", _int, 0)
-        self._check("threshold_quantile", _float, "0 < quantile <= 1", lambda v: 0 < v <= 1)
-        self._check("heatmap_examples", _int, 0)
+        self._check("threshold_quantile", check_float, "0 < quantile <= 1", lambda v: 0 < v <= 1)
 
 
 @dataclass(frozen=True)
-class ScoringConfig(_Section):
-    """Batch scoring with Ray Data: actor pool size and what each score row carries."""
-
-    section: ClassVar[str] = "scoring"
-
-    batch_size: int = 32
-    actors: int = 1
-    num_gpus: str | float = "auto"  # per actor
-    map_columns: bool = False  # add a downsampled anomaly map to every row
-    map_size: int = 32  # side of that map
-    heatmaps_above_threshold: bool = False  # write overlays for images flagged anomalous
-
-    def __post_init__(self) -> None:
-        self._check("batch_size", _int, 1)
-        self._check("actors", _int, 1)
-        self._check("num_gpus", _gpus)
-        self._check("map_columns", _bool)
-        self._check("map_size", _int, 1)
-        self._check("heatmaps_above_threshold", _bool)
-
-
-@dataclass(frozen=True)
-class ShiftConfig(_Section):
-    """jobs.shift: which domain shifts, at which levels (severity k is the k-th level), which seed."""
+class ShiftConfig(Section):
+    """Domain shifts: which, at which levels (severity k is the k-th level), which seed."""
 
     section: ClassVar[str] = "shift"
 
     shifts: Mapping[str, tuple[float, ...]] | None = None  # None: every shift at its default levels
     seed: int = 0
-    tolerance: float = 0.05  # the image-AUROC drop at which the report calls a category broken
+    tolerance: float = 0.05  # the AUROC drop at which the report calls a category broken
 
     def __post_init__(self) -> None:
         chosen = {name: kind.default_levels for name, kind in SHIFTS.items()} if self.shifts is None else self.shifts
         if not isinstance(chosen, Mapping) or not chosen:
             raise ConfigError(
-                f"shift.shifts: expected a mapping of shift names to lists of levels, got {_describe(chosen)}; "
+                f"shift.shifts: expected a mapping of shift names to lists of levels, got {describe_value(chosen)}; "
                 f"shifts: {list(SHIFTS)}"
             )
         levels: dict[str, tuple[float, ...]] = {}
@@ -258,63 +247,43 @@ class ShiftConfig(_Section):
                 raise ConfigError(f"{key}: unknown shift; allowed: {list(SHIFTS)}")
             kind = SHIFTS[name]
             if not isinstance(values, (list, tuple)) or not values:
-                raise ConfigError(f"{key}: expected a non-empty list of levels ({kind.unit}), got {_describe(values)}")
+                raise ConfigError(f"{key}: expected a non-empty list of levels ({kind.unit}), got {describe_value(values)}")
             levels[name] = tuple(
-                _float(f"{key}[{i}]", value, f"{kind.allowed}; {kind.unit}", kind.check) for i, value in enumerate(values)
+                check_float(f"{key}[{i}]", value, f"{kind.allowed}; {kind.unit}", kind.check) for i, value in enumerate(values)
             )
         object.__setattr__(self, "shifts", levels)
-        self._check("seed", _int, 0)
-        self._check("tolerance", _float, "0 < tolerance < 1", lambda v: 0 < v < 1)
-
-
-@dataclass(frozen=True)
-class TrackingConfig(_Section):
-    """MLflow: where runs go and how fitted models are registered."""
-
-    section: ClassVar[str] = "tracking"
-
-    tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI, else SQLite in the output folder
-    experiment: str = "padim"
-    register_models: bool = True
-    alias: str = "champion"  # MLflow reserves "latest" and "v<N>"
-
-    def __post_init__(self) -> None:
-        if self.tracking_uri is not None:
-            self._check("tracking_uri", _str)
-        self._check("experiment", _str)
-        self._check("register_models", _bool)
-        self._check("alias", _str)
-        if not _ALIAS_PATTERN.match(self.alias) or self.alias.lower() == "latest" or _VERSION_ALIAS.match(self.alias):
-            raise ConfigError(
-                f"tracking.alias: {self.alias!r} is not a usable MLflow alias; allowed: letters, digits, "
-                "'_' and '-' (at most 255), except the reserved 'latest' and version names like 'v1'"
-            )
+        self._check("seed", check_int, 0)
+        self._check("tolerance", check_float, "0 < tolerance < 1", lambda v: 0 < v < 1)
 
 
 @dataclass(frozen=True)
 class ExperimentConfig:
-    """One experiment: every section plus the output folder."""
+    """What the detectors need: which kind, its settings, the data, calibration and shifts.
 
+    Fields that hold a `Section` are YAML sections; the others are top-level keys.
+    """
+
+    detector: str = "padim"
     padim: PadimConfig = field(default_factory=PadimConfig)
+    patchcore: PatchcoreConfig = field(default_factory=PatchcoreConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    fit: FitConfig = field(default_factory=FitConfig)
-    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     shift: ShiftConfig = field(default_factory=ShiftConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    output: str = "outputs"
 
     def __post_init__(self) -> None:
-        _str("output", self.output)
+        check_str("detector", self.detector, sorted(KINDS))
+
+    def detector_section(self, kind: str | None = None) -> DetectorSection:
+        """The settings section of `kind` (default: the config's `detector`)."""
+        return getattr(self, kind or self.detector)
+
+    def build_detector(self, kind: str | None = None, device: str | None = None) -> Detector:
+        """An unfitted detector of `kind` (default: the config's `detector`) with this config's settings."""
+        return detector_class(kind or self.detector)(**self.detector_section(kind).detector_kwargs(), device=device)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dicts, lists and scalars: safe for `yaml.safe_dump` and MLflow params."""
         return _plain(dataclasses.asdict(self))
-
-
-_SECTIONS: dict[str, type[_Section]] = {
-    cls.section: cls for cls in (PadimConfig, DataConfig, FitConfig, ScoringConfig, ShiftConfig, TrackingConfig)
-}
-_TOP_LEVEL = sorted([*_SECTIONS, "output"])
 
 
 def _plain(value: Any) -> Any:
@@ -325,11 +294,20 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _section_from_dict(cls: type[_Section], values: Any) -> _Section:
+def _sections(schema: type) -> dict[str, type[Section] | None]:
+    """Top-level key -> its Section class, or None for a plain top-level value."""
+    found = {}
+    for item in dataclasses.fields(schema):
+        default = item.default_factory() if item.default_factory is not dataclasses.MISSING else item.default
+        found[item.name] = type(default) if isinstance(default, Section) else None
+    return found
+
+
+def _section_from_dict(cls: type[Section], values: Any) -> Section:
     if values is None:  # a section header with only comments under it
         return cls()
     if not isinstance(values, Mapping):
-        raise ConfigError(f"{cls.section}: expected a mapping of keys, got {_describe(values)}")
+        raise ConfigError(f"{cls.section}: expected a mapping of keys, got {describe_value(values)}")
     known = [f.name for f in dataclasses.fields(cls)]
     for key in values:
         if key not in known:
@@ -337,15 +315,26 @@ def _section_from_dict(cls: type[_Section], values: Any) -> _Section:
     return cls(**values)
 
 
-def config_from_dict(values: Mapping[str, Any]) -> ExperimentConfig:
-    """Build and validate a config from plain data (the inverse of `ExperimentConfig.to_dict`)."""
+def config_from_dict(values: Mapping[str, Any], schema: type = ExperimentConfig, *, others: Sequence[str] = ()) -> Any:
+    """Build and validate a `schema` config from plain data (the inverse of `to_dict`).
+
+    Top-level keys in `others` belong to another reader and are left alone; any other unknown
+    key is an error.
+    """
+    sections = _sections(schema)
+    allowed = sorted(sections)
     if not isinstance(values, Mapping):
-        raise ConfigError(f"config: expected a mapping of sections {_TOP_LEVEL}, got {_describe(values)}")
+        raise ConfigError(f"config: expected a mapping of sections {allowed}, got {describe_value(values)}")
     for key in values:
-        if key not in _TOP_LEVEL:
-            raise ConfigError(f"{key}: unknown section; allowed: {_TOP_LEVEL}")
-    sections = {name: _section_from_dict(cls, values.get(name)) for name, cls in _SECTIONS.items()}
-    return ExperimentConfig(**sections, output=values.get("output", "outputs"))
+        if key not in sections and key not in others:
+            raise ConfigError(f"{key}: unknown section; allowed: {allowed}")
+    arguments = {}
+    for name, cls in sections.items():
+        if cls is not None:
+            arguments[name] = _section_from_dict(cls, values.get(name))
+        elif name in values:
+            arguments[name] = values[name]
+    return schema(**arguments)
 
 
 def _apply_override(values: dict[str, Any], override: str) -> None:
@@ -365,7 +354,7 @@ def _apply_override(values: dict[str, Any], override: str) -> None:
             node[part] = {}
         if not isinstance(node[part], dict):
             where = ".".join(parents[: depth + 1])
-            raise ConfigError(f"override {override!r}: {where} is not a section; sections: {sorted(_SECTIONS)}")
+            raise ConfigError(f"override {override!r}: {where} is not a section")
         node = node[part]
     node[leaf] = value
 
@@ -380,18 +369,24 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     except yaml.YAMLError as error:
         raise ConfigError(f"config file {path}: invalid YAML ({error})") from None
     if not isinstance(values, dict):
-        raise ConfigError(
-            f"config file {path}: expected a mapping of sections {_TOP_LEVEL}, got {type(values).__name__}"
-        )
+        raise ConfigError(f"config file {path}: expected a mapping of sections, got {type(values).__name__}")
     return values
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
-    """Read a YAML config (None: all defaults), apply `key.sub=value` overrides, validate."""
+def read_values(path: str | Path | None = None, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """A YAML config (None: empty) with `key.sub=value` overrides applied, not yet validated."""
     if isinstance(overrides, str):
         raise ConfigError(f"overrides: expected a list of key.sub=value strings, got the string {overrides!r}")
     values = {} if path is None else _read_yaml(Path(path))
     for override in overrides:
         _apply_override(values, override)
-    return config_from_dict(values)
+    return values
 
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), *, others: Sequence[str] = ()
+                ) -> ExperimentConfig:
+    """Read a YAML config (None: all defaults), apply overrides, validate the detectors' sections.
+
+    `others`: top-level sections another layer reads (e.g. the jobs' `tracking`), left alone.
+    """
+    return config_from_dict(read_values(path, overrides), ExperimentConfig, others=others)

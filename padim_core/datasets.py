@@ -13,14 +13,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from padim_core.errors import DatasetError
 from padim_core.image_files import is_image_name
 
 NORMAL_DEFECT = "good"
 EXPECTED_LAYOUT = "<root>/<category>/train/good/<images>, with optional test/<defect>/ and ground_truth/<defect>/"
-
-
-class DatasetError(ValueError):
-    """A dataset folder that is missing or does not have the expected layout."""
 
 
 @dataclass(frozen=True)

@@ -13,10 +13,7 @@ image draws from its own seeded generator, so the same arguments give byte-ident
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -24,6 +21,8 @@ from typing import Callable
 import numpy as np
 import skimage.data
 from PIL import Image, ImageDraw
+
+from padim_core.safe_write import StagedFolder
 
 TEXTURE_TINTS: dict[str, tuple[float, float, float]] = {
     "brick": (1.0, 0.62, 0.48),
@@ -62,18 +61,12 @@ def build_demo_dataset(
         raise FileExistsError(f"output {output} exists and is not a folder")
     if output.exists() and any(output.iterdir()) and not overwrite:
         raise FileExistsError(f"output folder {output} is not empty; pass overwrite=True (--overwrite) to replace it")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}-", suffix=".partial", dir=output.parent))
-    try:
+    with StagedFolder(output) as staged:
         for category_index, (category, tint) in enumerate(TEXTURE_TINTS.items()):
             photo = getattr(skimage.data, category)()
             _write_category(
-                staging / category, photo, np.array(tint), (seed, category_index), train, test_good, test_defect, size
+                staged.path / category, photo, np.array(tint), (seed, category_index), train, test_good, test_defect, size
             )
-        _move_into_place(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return output
 
 
@@ -231,21 +224,6 @@ def _save(path: Path, pixels: np.ndarray) -> None:
     if pixels.dtype != np.uint8:
         pixels = np.rint(np.clip(pixels, 0.0, 1.0) * 255).astype(np.uint8)
     Image.fromarray(pixels).save(path, format="PNG")
-
-
-def _move_into_place(staging: Path, output: Path) -> None:
-    """Rename `staging` to `output`; an existing `output` is moved aside first and deleted after."""
-    if not output.exists():
-        os.rename(staging, output)
-        return
-    retired = staging.with_name(staging.name + ".old")
-    os.rename(output, retired)
-    try:
-        os.rename(staging, output)
-    except OSError:
-        os.rename(retired, output)
-        raise
-    shutil.rmtree(retired)
 
 
 def _check_counts(**values: int) -> None:

@@ -1,7 +1,7 @@
 """Fit one category on its normal images, score its test split, report accuracy and speed.
 
-    python -m padim_core.evaluate CATEGORY_DIR [--config FILE] [--backbone NAME]
-                                  [--image-size N] [--json OUT]
+    padim-evaluate CATEGORY_DIR [--config FILE] [--detector KIND] [--backbone NAME]
+                   [--image-size N] [--device cpu|cuda|auto] [--json OUT]
 """
 
 from __future__ import annotations
@@ -18,21 +18,32 @@ from typing import Sequence
 
 import numpy as np
 
-from padim_core.config import ExperimentConfig, load_config
+from padim_core import safe_write
+from padim_core.calibration import Calibration
+from padim_core.command_line import command_parser
+from padim_core.config import ExperimentConfig, config_from_dict, read_values
 from padim_core.datasets import MvtecCategory
+from padim_core.detector import Detector
+from padim_core.errors import PadimError
 from padim_core.images import load_mask
-from padim_core.loader import image_batches, iter_image_batches
-from padim_core.metrics import aupro, f1_threshold, image_auroc, pixel_auroc, quantile_threshold
-from padim_core.model import PadimModel
+from padim_core.loader import image_batches
+from padim_core.metrics import (
+    aupro,
+    f1_threshold,
+    image_auroc,
+    pixel_auroc,
+    quantile_threshold,
+)
+from padim_core.scoring import score_all
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Evaluation:
-    """A fitted, calibrated model with its test-split figures and per-image results."""
+    """A fitted, calibrated detector with its test-split figures and per-image results."""
 
-    model: PadimModel
+    model: Detector
     metrics: dict[str, float | int | str | None]
     sources: list[Path]
     defects: list[str]
@@ -42,54 +53,25 @@ class Evaluation:
     masks: np.ndarray  # [N, H, W] bool; all False where there is no mask
 
 
-def build_model(config: ExperimentConfig, device: str | None = None) -> PadimModel:
-    padim = config.padim
-    return PadimModel(
-        backbone=padim.backbone,
-        layers=padim.layers,
-        n_features=padim.n_features,
-        image_size=padim.image_size,
-        seed=padim.seed,
-        regularization=padim.regularization,
-        blur_sigma=padim.blur_sigma,
-        pretrained=padim.pretrained,
-        device=device or config.fit.device,
-    )
-
-
-def fit_model(model: PadimModel, images: Sequence[Path], batch_size: int, workers: int) -> float:
+def fit_detector(model: Detector, images: Sequence[Path], batch_size: int, workers: int) -> float:
     """Fit on image files (decoded in background threads); returns the seconds it took."""
     start = time.perf_counter()
-    model.fit(image_batches(images, model.transform, batch_size, workers))
+    model.fit(image_batches(images, model.transform.to_pixels, batch_size, workers))
     return time.perf_counter() - start
 
 
-def score_files(
-    model: PadimModel, images: Sequence[Path], batch_size: int, workers: int
-) -> tuple[np.ndarray, np.ndarray, float]:
-    """Scores `[N]`, maps `[N, H, W]` and the seconds it took, decoding included."""
-    start = time.perf_counter()
-    scores, maps = [], []
-    for _, batch in iter_image_batches(images, model.transform, batch_size, workers):
-        batch_scores, batch_maps = model.predict(batch)
-        scores.append(batch_scores.numpy())
-        maps.append(batch_maps.numpy())
-    seconds = time.perf_counter() - start
-    height, width = model.image_size
-    if not scores:
-        return np.zeros(0, np.float32), np.zeros((0, height, width), np.float32), seconds
-    return np.concatenate(scores), np.concatenate(maps), seconds
-
-
-def evaluate_category(category: MvtecCategory, config: ExperimentConfig, device: str | None = None) -> Evaluation:
+def evaluate_category(category: MvtecCategory, config: ExperimentConfig, device: str | None = None,
+                      kind: str | None = None) -> Evaluation:
     """Fit on `train/good`, then score and calibrate on the test split when there is one."""
-    model = build_model(config, device)
+    model = config.build_detector(kind, device)
     batch_size, workers = config.data.batch_size, config.data.num_workers
-    log.info("%s: fitting on %d images", category.name, len(category.train_images))
-    fit_seconds = fit_model(model, category.train_images, batch_size, workers)
+    log.info("%s: fitting %s on %d images", category.name, model.kind, len(category.train_images))
+    fit_seconds = fit_detector(model, category.train_images, batch_size, workers)
     samples = list(category.test_samples)
     sources = [sample.path for sample in samples]
-    scores, maps, predict_seconds = score_files(model, sources, batch_size, workers)
+    started = time.perf_counter()
+    scores, maps = score_all(model, sources, batch_size, workers)
+    predict_seconds = time.perf_counter() - started
     labels = np.array([sample.label for sample in samples], dtype=np.int64)
     masks = np.zeros(maps.shape, dtype=bool)
     for i, sample in enumerate(samples):
@@ -108,8 +90,8 @@ def evaluate_category(category: MvtecCategory, config: ExperimentConfig, device:
     }
     normal = scores[labels == 0]
     if len(normal):
-        quantile = quantile_threshold(normal, config.fit.threshold_quantile)
-        metrics.update(threshold=quantile, threshold_method=f"quantile {config.fit.threshold_quantile} of normal test scores")
+        quantile = config.calibration.threshold_quantile
+        metrics.update(threshold=quantile_threshold(normal, quantile), threshold_method=f"quantile {quantile} of normal test scores")
     if len(normal) and (labels == 1).any():
         metrics["image_auroc"] = image_auroc(labels, scores)
         threshold, _ = f1_threshold(labels, scores)
@@ -120,8 +102,9 @@ def evaluate_category(category: MvtecCategory, config: ExperimentConfig, device:
             metrics["pixel_auroc"] = pixel_auroc(masks[judged], maps[judged])
             metrics["aupro"] = aupro(masks[judged], maps[judged])
     if metrics["threshold"] is not None:
+        calibration = Calibration(str(metrics["threshold_method"]), float(metrics["threshold"]), tuple(sorted(map(float, normal))))
         model.calibrate(
-            metrics["threshold"],
+            calibration,
             normal_score_mean=float(normal.mean()),
             normal_score_max=float(normal.max()),
             map_min=float(maps.min()),
@@ -145,36 +128,57 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m padim_core.evaluate", description=__doc__.splitlines()[0])
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = command_parser(
+        "padim-evaluate",
+        "Fit one detector on a category's train/good images, score its test split, and print image AUROC, pixel "
+        "AUROC, AUPRO, the threshold and fit/predict speed. Runs in this process (no Ray, no MLflow); sections of "
+        "the config that belong to the jobs are not read. Exit 0: done; 1: failed; 2: bad arguments or data.",
+        "padim-evaluate ../shared/data/mvtec_ad/bottle --config configs/demo.yaml --image-size 256",
+    )
     parser.add_argument("category_dir", type=Path, help="an MVTec AD category folder (train/good, test/<defect>)")
     parser.add_argument("--config", type=Path, help="experiment YAML (default: built-in defaults)")
-    parser.add_argument("--backbone", help="override padim.backbone (its default layers are used)")
-    parser.add_argument("--image-size", type=int, help="override padim.image_size")
-    parser.add_argument("--device", help="cpu, cuda or auto (default: the config's fit.device)")
+    parser.add_argument("--detector", help="detector kind (overrides the config's detector)")
+    parser.add_argument("--backbone", help="override the detector's backbone (its default layers are used)")
+    parser.add_argument("--image-size", type=int, help="override the detector's image_size")
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    overrides = []
-    if args.backbone:
-        overrides += [f"padim.backbone={args.backbone}", "padim.layers=null"]
-    if args.image_size:
-        overrides.append(f"padim.image_size={args.image_size}")
     try:
-        config = load_config(args.config, overrides)
+        overrides = [f"detector={args.detector}"] if args.detector else []
+        values = read_values(args.config, overrides)
+        kind = values.get("detector", "padim")
+        if args.backbone:
+            overrides += [f"{kind}.backbone={args.backbone}", f"{kind}.layers=null"]
+        if args.image_size:
+            overrides.append(f"{kind}.image_size={args.image_size}")
+        values = read_values(args.config, overrides)
+        core = {name for name in ExperimentConfig.__dataclass_fields__}
+        others = sorted(set(values) - core)
+        if others:
+            log.info("not read by padim-evaluate (they configure the jobs): %s", ", ".join(others))
+        config = config_from_dict(values, ExperimentConfig, others=others)
         category = MvtecCategory.from_folder(args.category_dir)
-        evaluation = evaluate_category(category, config, args.device)
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
+    except PadimError as error:
+        print(f"padim-evaluate: error: {error}", file=sys.stderr)
         return 2
+    try:
+        evaluation = evaluate_category(category, config, args.device)
+    except PadimError as error:
+        print(f"padim-evaluate: failed: {error}", file=sys.stderr)
+        return 1
     figures = dict(evaluation.metrics, peak_rss_mb=peak_rss_mb())
     width = max(map(len, figures))
     for key, value in figures.items():
         shown = f"{value:.4f}" if isinstance(value, float) else value
         print(f"{key:<{width}}  {shown}")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+        safe_write.write_file(args.json, json.dumps(figures, indent=2) + "\n")
     return 0
 
 

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 from torch import nn
 
-from padim_core.backbones import FeatureExtractor, get_backbone
+from padim_core.backbones import FeatureExtractor
 
 
 def random_channel_index(embedding_size: int, n_features: int, seed: int) -> torch.Tensor:
@@ -33,13 +31,10 @@ class PatchEmbedder(nn.Module):
     `channel_index` - permuted to `[h, w, B, C]`.
     """
 
-    def __init__(
-        self, backbone: str, layers: Sequence[str], channel_index: torch.Tensor, pretrained: bool = True
-    ) -> None:
+    def __init__(self, extractor: FeatureExtractor, channel_index: torch.Tensor) -> None:
         super().__init__()
-        spec = get_backbone(backbone)
-        self.extractor = FeatureExtractor(backbone, layers, pretrained=pretrained)
-        sizes = [spec.layer_channels[layer] for layer in self.extractor.layers]
+        self.extractor = extractor
+        sizes = extractor.channels
         channel_index = torch.as_tensor(channel_index, dtype=torch.long)
         if channel_index.numel() == 0 or int(channel_index.max()) >= sum(sizes) or int(channel_index.min()) < 0:
             raise ValueError(f"channel index must lie in [0, {sum(sizes)}), got {channel_index.tolist()[:8]}...")

@@ -17,15 +17,18 @@ _LOCATIONS_PER_STEP = 512
 
 @dataclass
 class GaussianAccumulator:
-    """Running sums for `locations` Gaussians over `channels` dimensions."""
+    """Running sums for the Gaussians of a `grid_shape` grid of locations over `channels` dimensions."""
 
+    grid_shape: tuple[int, int]
     count: int
-    total: torch.Tensor  # [L, C] float64
+    total: torch.Tensor  # [L, C] float64, L = height * width, row-major
     outer: torch.Tensor  # [L, C, C] float64
 
     @classmethod
-    def empty(cls, locations: int, channels: int, device: torch.device | str = "cpu") -> "GaussianAccumulator":
+    def empty(cls, grid_shape: tuple[int, int], channels: int, device: torch.device | str = "cpu") -> "GaussianAccumulator":
+        locations = grid_shape[0] * grid_shape[1]
         return cls(
+            grid_shape=tuple(grid_shape),
             count=0,
             total=torch.zeros(locations, channels, dtype=torch.float64, device=device),
             outer=torch.zeros(locations, channels, channels, dtype=torch.float64, device=device),
@@ -59,12 +62,13 @@ class GaussianAccumulator:
         return self
 
     def __add__(self, other: "GaussianAccumulator") -> "GaussianAccumulator":
-        if (self.locations, self.channels) != (other.locations, other.channels):
+        if (self.grid_shape, self.channels) != (other.grid_shape, other.channels):
             raise ValueError(
-                f"cannot merge accumulators of {self.locations}x{self.channels} and "
-                f"{other.locations}x{other.channels} (locations x channels)"
+                f"cannot merge accumulators of grid {list(self.grid_shape)} x {self.channels} channels and "
+                f"grid {list(other.grid_shape)} x {other.channels} channels"
             )
         return GaussianAccumulator(
+            grid_shape=self.grid_shape,
             count=self.count + other.count,
             total=self.total + other.total.to(self.total.device),
             outer=self.outer + other.outer.to(self.outer.device),

@@ -18,6 +18,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.io import decode_png
 from torchvision.transforms.v2.functional import resize
 
+from padim_core.errors import ImageDecodeError
+
 MAX_PIXELS = 100_000_000
 """Images above this many pixels are refused before decoding (a 100-megapixel RGB image is 300 MB).
 
@@ -34,10 +36,6 @@ _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, Imag
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
-
-
-class ImageDecodeError(ValueError):
-    """An image source that cannot be decoded; the message names the source and the reason."""
 
 
 def decode_image(
@@ -127,9 +125,13 @@ class ImageTransform:
             image = image.resize((width, height), Image.BILINEAR)
         return np.array(image)
 
+    def to_pixels(self, source: ImageSource, *, name: str | None = None) -> torch.Tensor:
+        """The decoded, resized image as uint8 `[3, H, W]`: what detectors and loaders take."""
+        return torch.from_numpy(self.to_array(source, name=name)).permute(2, 0, 1)
+
     def __call__(self, source: ImageSource, *, name: str | None = None) -> torch.Tensor:
         """A normalised float32 tensor `[3, H, W]`."""
-        return self.normalize(torch.from_numpy(self.to_array(source, name=name)).permute(2, 0, 1))
+        return self.normalize(self.to_pixels(source, name=name))
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 `[..., 3, H, W]` -> normalised float32, value for value as `__call__` gives."""
@@ -141,9 +143,10 @@ class ImageTransform:
 def _plain_png_resized(source: ImageSource, size: tuple[int, int]) -> np.ndarray | None:
     """Plain 8-bit RGB PNGs through libpng and torchvision's antialiased resize; None otherwise.
 
-    About 1.7x faster than PIL for the 900x900 photos of MVTec AD, and within one grey level of
-    PIL's result. Anything unusual (other bit depths or colour types, transparency, EXIF, a
-    huge or broken file) returns None and takes the PIL path, which handles and reports it.
+    For large photos, such as MVTec AD's 900x900 ones, this decodes and resizes faster than PIL
+    does, and stays within one grey level of PIL's result.
+    Anything unusual (other bit depths or colour types, transparency, EXIF, a huge or broken
+    file) returns None and takes the PIL path, which handles and reports it.
     """
     if isinstance(source, (str, Path)):
         try:

@@ -23,7 +23,7 @@ def iter_image_batches(
     workers: int = 2,
     prefetch: int = 2,
 ) -> Iterator[tuple[list[Source], torch.Tensor]]:
-    """Yield `(sources, images [B, 3, H, W])` in input order; a decoding error propagates."""
+    """Yield `(sources, stacked transform(source) for each)` in input order; a decoding error propagates."""
     if batch_size < 1 or workers < 1:
         raise ValueError(f"batch_size and workers must be >= 1, got {batch_size} and {workers}")
 
@@ -56,6 +56,6 @@ def image_batches(
     batch_size: int = 32,
     workers: int = 2,
 ) -> Iterator[torch.Tensor]:
-    """Just the image tensors of `iter_image_batches`, ready for `PadimModel.fit`."""
+    """Just the image tensors of `iter_image_batches`, ready for a detector's `fit`."""
     for _, images in iter_image_batches(sources, transform, batch_size, workers):
         yield images

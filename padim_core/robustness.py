@@ -1,24 +1,25 @@
 """How a fitted model holds up under domain shift: its test split scored under every shift.
 
 The test images are decoded and resized once, kept as uint8 at the model's input size, and
-each shifted variant goes through the same normalisation and `PadimModel.predict` as the
-unshifted images do in `padim_core.evaluate`, so severity 0 gives the unshifted figures exactly.
+each shifted variant goes through `scoring.score_batch` as the unshifted images do in
+`padim_core.evaluate`, so severity 0 gives the unshifted figures exactly.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from padim_core.datasets import MvtecCategory
+from padim_core.detector import Detector
+from padim_core.errors import DatasetError
 from padim_core.images import ImageTransform, load_mask
 from padim_core.loader import iter_image_batches
 from padim_core.metrics import classification_rates, image_auroc, pixel_auroc
-from padim_core.model import PadimModel
+from padim_core.scoring import score_batch
 from padim_core.shifts import apply_shift, image_seed
 
 FIGURES = ("image_auroc", "pixel_auroc", "false_positive_rate", "false_negative_rate")
@@ -55,11 +56,9 @@ def load_test_split(category: MvtecCategory, transform: ImageTransform, batch_si
     """The test split of `category` as `transform` sizes it, in `test_samples` order."""
     samples = list(category.test_samples)
     if not samples:
-        raise ValueError(f"category {category.name!r} has no test images under {category.root / 'test'}")
-    def decode(path: Path) -> torch.Tensor:
-        return torch.from_numpy(transform.to_array(path)).permute(2, 0, 1)
-
-    images = torch.cat([batch for _, batch in iter_image_batches([s.path for s in samples], decode, batch_size, workers)])
+        raise DatasetError(f"category {category.name!r} has no test images under {category.root / 'test'}")
+    paths = [s.path for s in samples]
+    images = torch.cat([batch for _, batch in iter_image_batches(paths, transform.to_pixels, batch_size, workers)])
     masks = torch.from_numpy(np.stack([load_mask(s.mask_path, transform.image_size) for s in samples]))
     labels = np.array([s.label for s in samples], dtype=np.int64)
     judged = (labels == 0) | np.array([s.mask_path is not None for s in samples])
@@ -67,7 +66,7 @@ def load_test_split(category: MvtecCategory, transform: ImageTransform, batch_si
 
 
 def score_variant(
-    model: PadimModel, split: TestSplit, batch_size: int, *,
+    model: Detector, split: TestSplit, batch_size: int, *,
     shift: str | None = None, level: float = 0.0, severity: int = 0, seed: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
     """Scores `[N]`, maps `[N, H, W]` and the (moved) masks of the split under one shift, or none."""
@@ -77,9 +76,9 @@ def score_variant(
         if shift is not None:
             seeds = [image_seed(seed, shift, severity, index) for index in range(start, start + len(images))]
             images, batch_masks = apply_shift(shift, level, images, batch_masks, seeds)
-        batch_scores, batch_maps = model.predict(model.transform.normalize(images))
-        scores.append(batch_scores.numpy())
-        maps.append(batch_maps.numpy())
+        scored = score_batch(model, images)
+        scores.append(scored.scores)
+        maps.append(scored.maps.numpy())
         masks.append(batch_masks)
     return np.concatenate(scores), np.concatenate(maps), torch.cat(masks)
 
@@ -103,7 +102,7 @@ def split_figures(
 
 
 def evaluate_shifts(
-    model: PadimModel,
+    model: Detector,
     split: TestSplit,
     shifts: Mapping[str, Sequence[float]],
     seed: int,
@@ -111,7 +110,7 @@ def evaluate_shifts(
     progress: Callable[[ShiftFigures], None] | None = None,
 ) -> list[ShiftFigures]:
     """Every shift at severity 0 (unshifted, scored once) and at each of its levels."""
-    threshold = model.threshold
+    threshold = model.threshold_
     baseline = split_figures(split, *score_variant(model, split, batch_size), threshold)
     results = [ShiftFigures(name, 0, None, **baseline) for name in shifts]
     if progress and results:

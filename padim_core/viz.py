@@ -7,8 +7,6 @@ global is left behind in long-lived Ray workers and no display backend is needed
 from __future__ import annotations
 
 import io
-import os
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +15,8 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from PIL import Image
 from skimage.segmentation import find_boundaries
+
+from padim_core.safe_write import write_file
 
 CONTOUR_COLOR = (255, 0, 255)  # magenta: not a colour of the jet map, so the outline stays visible
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -79,15 +79,7 @@ def save_png(path: str | Path, array: np.ndarray | bytes) -> Path:
         buffer = io.BytesIO()
         Image.fromarray(array).save(buffer, format="PNG")
         data = buffer.getvalue()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(temporary, "xb") as file:
-            file.write(data)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-    return path
+    return write_file(path, data)
 
 
 def _png_bytes(figure: Figure) -> bytes:

@@ -1,0 +1,144 @@
+"""The jobs' config sections, on top of the detectors' (`padim_core.config`).
+
+`tasks` sizes the Ray task of every per-category job (fit, shift, and what comes next);
+`fit` and `scoring` hold what only those jobs read; `tracking` says where MLflow runs go.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Sequence
+
+from padim_core.config import (
+    ExperimentConfig,
+    Section,
+    check_bool,
+    check_float,
+    check_int,
+    check_str,
+    config_from_dict,
+    read_values,
+)
+from padim_core.errors import ConfigError
+
+# MLflow's rules for registered-model aliases (mlflow.utils.validation): "latest" and "v<N>"
+# are reserved because `models:/name@alias` URIs would clash with version references.
+_ALIAS_PATTERN = re.compile(r"^[\w\-]{1,255}$")
+_VERSION_ALIAS = re.compile(r"^[vV]\d+$")
+
+
+def check_gpus(key: str, value: Any) -> str | float:
+    """Ray's rule: fractional GPUs only below one (0.25 shares a GPU; 1.5 is rejected)."""
+    if value == "auto":
+        return value
+    allowed = "'auto', or a number >= 0 (whole numbers above 1, as Ray requires)"
+    if isinstance(value, str):
+        raise ConfigError(f"{key}: {value!r} is not allowed; allowed: {allowed}")
+    return check_float(key, value, allowed, lambda v: v >= 0 and (v <= 1 or float(v).is_integer()))
+
+
+@dataclass(frozen=True)
+class TasksConfig(Section):
+    """The Ray task of each (category, detector) in the per-category jobs (fit, shift)."""
+
+    section: ClassVar[str] = "tasks"
+
+    device: str = "auto"
+    num_gpus: str | float = "auto"  # per task; "auto": 1 when the cluster has GPUs, else 0
+    num_cpus: float = 1.0
+    max_retries: int = 2  # Ray retries of a task whose worker died
+
+    def __post_init__(self) -> None:
+        self._check("device", check_str, ("auto", "cpu", "cuda"))
+        self._check("num_gpus", check_gpus)
+        if self.device == "cuda" and self.num_gpus == 0:
+            raise ConfigError(
+                "tasks.num_gpus: 0 with tasks.device 'cuda' leaves the Ray task without a GPU; "
+                "allowed: 'auto' or a number > 0, or set tasks.device to 'auto' or 'cpu'"
+            )
+        self._check("num_cpus", check_float, ">= 0", lambda v: v >= 0)
+        self._check("max_retries", check_int, 0)
+
+
+@dataclass(frozen=True)
+class FitConfig(Section):
+    """jobs.fit: what each fit logs besides its metrics."""
+
+    section: ClassVar[str] = "fit"
+
+    heatmap_examples: int = 4  # test heatmaps logged per category
+
+    def __post_init__(self) -> None:
+        self._check("heatmap_examples", check_int, 0)
+
+
+@dataclass(frozen=True)
+class ScoringConfig(Section):
+    """jobs.score: the Ray Data actor pool and what each score row carries."""
+
+    section: ClassVar[str] = "scoring"
+
+    batch_size: int = 32
+    actors: int = 1
+    num_gpus: str | float = "auto"  # per actor
+    map_columns: bool = False  # add a downsampled anomaly map to every row
+    map_size: int = 32  # side of that map
+    heatmaps_above_threshold: bool = False  # write overlays for images flagged anomalous
+
+    def __post_init__(self) -> None:
+        self._check("batch_size", check_int, 1)
+        self._check("actors", check_int, 1)
+        self._check("num_gpus", check_gpus)
+        self._check("map_columns", check_bool)
+        self._check("map_size", check_int, 1)
+        self._check("heatmaps_above_threshold", check_bool)
+
+
+@dataclass(frozen=True)
+class TrackingConfig(Section):
+    """MLflow: where runs go and how fitted models are registered."""
+
+    section: ClassVar[str] = "tracking"
+
+    tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI, else SQLite in the output folder
+    experiment: str = "padim"
+    register_models: bool = True
+    alias: str = "champion"  # MLflow reserves "latest" and "v<N>"
+
+    def __post_init__(self) -> None:
+        if self.tracking_uri is not None:
+            self._check("tracking_uri", check_str)
+        self._check("experiment", check_str)
+        self._check("register_models", check_bool)
+        self._check("alias", check_str)
+        if not _ALIAS_PATTERN.match(self.alias) or self.alias.lower() == "latest" or _VERSION_ALIAS.match(self.alias):
+            raise ConfigError(
+                f"tracking.alias: {self.alias!r} is not a usable MLflow alias; allowed: letters, digits, "
+                "'_' and '-' (at most 255), except the reserved 'latest' and version names like 'v1'"
+            )
+
+
+@dataclass(frozen=True)
+class JobConfig(ExperimentConfig):
+    """A whole config file: the detectors' sections plus the jobs' and the output folder."""
+
+    tasks: TasksConfig = field(default_factory=TasksConfig)
+    fit: FitConfig = field(default_factory=FitConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    output: str = "outputs"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_str("output", self.output)
+
+    @property
+    def output_folder(self) -> Path:
+        return Path(self.output).expanduser().resolve()
+
+
+def load_job_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> JobConfig:
+    """Read a YAML config (None: all defaults), apply `key.sub=value` overrides, validate everything."""
+    return config_from_dict(read_values(path, overrides), JobConfig)

@@ -1,0 +1,1 @@
+"""jobs.demo: the main job on embedded defaults (demo data, padim-fit, padim-score)."""

@@ -1,0 +1,218 @@
+"""Fit one detector per category as Ray tasks, evaluate each, and track it all in MLflow.
+
+Each (category, detector) is one Ray task: fit on the category's `train/good`, score its test
+split, log metrics, pictures, the per-image score table and the model (registered as
+`<detector>-<category>`) to its MLflow child run under one parent run per invocation, and save the
+model to `OUTPUT/models/<detector>/<category>.safetensors`. A category that fails, fails alone: its
+run is marked FAILED with the reason and the others carry on. The driver writes
+`OUTPUT/metrics.json` and prints a table.
+
+Without RAY_ADDRESS an embedded local Ray is started; without MLFLOW_TRACKING_URI (or
+tracking.tracking_uri) runs go to OUTPUT/mlflow.db. Exit 0: every fit succeeded; 1: some failed;
+2: nothing started (bad config, data root, tracking server or Ray address).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from mlflow import MlflowClient
+
+from jobs.common import cli, runner, tracking
+from jobs.common.catalog import model_path
+from jobs.common.config import JobConfig
+from jobs.common.pyfunc import log_pyfunc_model
+from jobs.common.runner import PerCategoryJob, RunContext, TaskResult, Unit
+from jobs.fit.artifacts import write_category_artifacts
+from padim_core.command_line import command_parser
+from padim_core.datasets import MvtecCategory
+from padim_core.evaluate import evaluate_category
+from padim_core.safe_write import write_file
+
+SUMMARY_FIELDS = (
+    "image_auroc", "pixel_auroc", "aupro", "threshold", "n_train", "n_test", "fit_seconds", "fit_images_per_second",
+)
+"""Per (category, detector) figures in metrics.json and the summary table, next to `status` and `error`."""
+
+METRICS = {
+    "image_auroc": "image_auroc", "pixel_auroc": "pixel_auroc", "aupro": "aupro", "threshold": "threshold",
+    "fit_seconds": "fit_seconds", "images_per_second": "fit_images_per_second",
+    "predict_images_per_second": "predict_images_per_second",
+}
+"""MLflow metric name -> evaluation figure: the same names for every category and detector."""
+
+
+@dataclass(frozen=True)
+class FitRequest:
+    """Everything one fit task needs; built by the driver, shipped to the worker."""
+
+    unit: Unit
+    folder: str
+    config: JobConfig
+    models_dir: str
+    tracking_uri: str
+    run_id: str
+    device: str
+    threads: int
+
+
+# ----------------------------------------------------------------------------- the task
+def fit_unit(request: FitRequest) -> TaskResult:
+    """Fit, evaluate, save and log one (category, detector); never raises.
+
+    The model reaches `OUTPUT/models` last, after everything was logged, and through an atomic
+    rename, so that folder only ever holds complete models of fits that succeeded.
+    """
+    return runner.run_unit(request.unit, lambda result: _fit(request, result))
+
+
+def _fit(request: FitRequest, result: TaskResult) -> None:
+    import torch
+
+    torch.set_num_threads(request.threads)
+    # MLflow draws download progress bars while logging a model; in job logs they are noise.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    unit, run_id, config = request.unit, request.run_id, request.config
+    client = MlflowClient(request.tracking_uri)
+    category = MvtecCategory.from_folder(request.folder)
+    result.values.update(n_train=len(category.train_images), n_test=len(category.test_samples))
+    print(f"[{unit.label}] started: {len(category.train_images)} train + {len(category.test_samples)} test images "
+          f"on {request.device} ({result.host}, {request.threads} threads)", flush=True)
+    tracking.log_values(client, run_id, params={"n_train": len(category.train_images), "n_test": len(category.test_samples)},
+                        tags={"device": request.device, "host": result.host})
+    evaluation = evaluate_category(category, config, request.device, unit.detector)
+    figures = evaluation.metrics
+    result.values.update({key: _number(figures[key]) for key in SUMMARY_FIELDS})
+    tracking.log_values(
+        client, run_id, metrics={name: figures[key] for name, key in METRICS.items()},
+        tags={"threshold_method": figures["threshold_method"] or "none: no normal test images"},
+    )
+    with tempfile.TemporaryDirectory(prefix=f"padim-fit-{unit.category}-") as scratch:
+        artifacts = Path(scratch) / "artifacts"
+        write_category_artifacts(evaluation, unit.category, artifacts, config.fit.heatmap_examples)
+        client.log_artifacts(run_id, str(artifacts))
+        model_file = evaluation.model.save(Path(scratch) / f"{unit.category}.safetensors")
+        settings = config.tracking
+        result.values["model_version"] = log_pyfunc_model(
+            request.tracking_uri, run_id, model_file,
+            registered_model_name=tracking.registered_name(unit.detector, unit.category) if settings.register_models else None,
+            alias=settings.alias,
+        )
+    target = model_path(request.models_dir, unit.detector, unit.category)
+    result.values["model_path"] = str(evaluation.model.save(target))
+
+
+def _number(value: Any) -> float | int | None:
+    """JSON-safe: numpy scalars to Python, NaN to None."""
+    if value is None:
+        return None
+    value = value.item() if hasattr(value, "item") else value
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+# --------------------------------------------------------------------------- the driver
+class FitJob(PerCategoryJob):
+    name = "fit"
+
+    def prepare(self) -> None:
+        (self.output / "models").mkdir(parents=True, exist_ok=True)
+
+    def task(self) -> Callable[[FitRequest], TaskResult]:
+        return fit_unit
+
+    def request(self, unit: Unit, run_id: str, context: RunContext) -> FitRequest:
+        return FitRequest(unit, str(self.root / unit.category), self.config, str(self.output / "models"),
+                          context.tracking_uri, run_id, context.resources.device, context.resources.threads)
+
+    def parent_params(self) -> dict[str, Any]:
+        return tracking.flat_params(self.config.to_dict())
+
+    def progress_line(self, result: TaskResult) -> str:
+        seconds = "-" if result.seconds is None else f"{result.seconds:.1f} s"
+        if not result.ok:
+            return f"FAILED after {seconds}: {result.error}"
+        values = result.values
+        auroc = "-" if values["image_auroc"] is None else f"{values['image_auroc']:.3f}"
+        return f"done in {seconds}: {values['n_train']} train + {values['n_test']} test images, image AUROC {auroc}"
+
+    def finish(self, results: list[TaskResult], context: RunContext) -> list[str]:
+        summary = {
+            "experiment": self.config.tracking.experiment, "experiment_id": context.experiment_id,
+            "parent_run_id": context.parent_id, "tracking_uri": context.tracking_uri,
+            "config": str(self.config_file.resolve()) if self.config_file else None, "data_root": str(self.root),
+            "device": context.resources.device, "num_gpus_per_task": context.resources.num_gpus,
+            "categories": metrics_by_category(results),
+        }
+        write_file(self.output / "metrics.json", json.dumps(summary, indent=2) + "\n")
+        aurocs = [result.values["image_auroc"] for result in results if result.values.get("image_auroc") is not None]
+        tracking.log_values(context.client, context.parent_id,
+                            metrics={"mean_image_auroc": sum(aurocs) / len(aurocs) if aurocs else None})
+        context.client.log_artifact(context.parent_id, str(self.output / "metrics.json"))
+        succeeded = sum(result.ok for result in results)
+        return [
+            format_table(results), "",
+            f"models:  {self.output / 'models'} ({succeeded} of {len(results)} fits)",
+            f"metrics: {self.output / 'metrics.json'}",
+        ]
+
+
+def metrics_by_category(results: Sequence[TaskResult]) -> dict[str, dict[str, dict[str, Any]]]:
+    """metrics.json's `categories`: category -> detector -> status, error, figures, model path and version."""
+    found: dict[str, dict[str, dict[str, Any]]] = {}
+    for result in results:
+        figures = {key: result.values.get(key) for key in SUMMARY_FIELDS}
+        found.setdefault(result.category, {})[result.detector] = {
+            "status": result.status, "error": result.error, **figures, "seconds": result.seconds,
+            "model_path": result.values.get("model_path"), "model_version": result.values.get("model_version"),
+        }
+    return found
+
+
+def format_table(results: Sequence[TaskResult]) -> str:
+    """One line per (category, detector), then the failure reasons, so it fits one screen."""
+    columns = [
+        ("category", "category", "<", None), ("detector", "detector", "<", None), ("status", "status", "<", None),
+        ("train", "n_train", ">", "d"), ("test", "n_test", ">", "d"),
+        ("img AUROC", "image_auroc", ">", ".3f"), ("px AUROC", "pixel_auroc", ">", ".3f"),
+        ("AUPRO", "aupro", ">", ".3f"), ("threshold", "threshold", ">", ".4g"),
+        ("fit s", "fit_seconds", ">", ".1f"), ("img/s", "fit_images_per_second", ">", ".1f"),
+    ]
+
+    def cell(result: TaskResult, key: str, spec: str | None) -> str:
+        value = getattr(result, key) if key in ("category", "detector", "status") else result.values.get(key)
+        if value is None:
+            return "-"
+        return format(value, spec) if spec else str(value)
+
+    rows = [[cell(result, key, spec) for _, key, _, spec in columns] for result in results]
+    widths = [max(len(title), *(len(row[i]) for row in rows)) for i, (title, *_) in enumerate(columns)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(f"{text:{align}{width}}" for text, width, (_, _, align, _) in zip(cells, widths, columns)).rstrip()
+
+    lines = [line([title for title, *_ in columns]), line(["-" * width for width in widths])]
+    lines += [line(row) for row in rows]
+    failures = [result for result in results if not result.ok]
+    if failures:
+        lines.append("")
+        lines += [f"{result.label} failed: {result.error}" for result in failures]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = command_parser(
+        "padim-fit", __doc__,
+        "padim-fit --config configs/demo.yaml --data-root demo_data --categories brick,grass --output outputs/demo",
+    )
+    cli.add_experiment_flags(parser)
+    args = parser.parse_args(argv)
+    def prepare() -> FitJob:
+        return runner.prepare_job(FitJob(cli.build_config(args), args.config))
+
+    return cli.run_main("padim-fit", prepare, runner.run_job)

@@ -1,0 +1,142 @@
+"""PaDiM (Defard et al., ICPR 2021): a Gaussian per grid location over normal patch embeddings."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from padim_core.anomaly_map import MahalanobisScorer
+from padim_core.backbones import get_backbone
+from padim_core.detector import Detector
+from padim_core.features import PatchEmbedder, random_channel_index
+from padim_core.gaussian import GaussianAccumulator
+from padim_core.model_file import ModelFile, check_tensor
+
+DISTANCE_METRICS = ("mahalanobis",)
+
+
+class PadimModel(Detector):
+    """PaDiM for one product category.
+
+    Settings: the backbone and layers, `n_features` channels chosen at random (seeded by
+    `seed`) from their concatenation, `regularization` added to every covariance diagonal.
+    Learned: `mean_` and `inv_covariance_` per location of the `grid_shape_` grid.
+    """
+
+    kind = "padim"
+
+    def __init__(
+        self,
+        backbone: str = "efficientnet_lite0",
+        layers: Sequence[str] | None = None,
+        n_features: int = 100,
+        image_size: int | Sequence[int] = 256,
+        *,
+        seed: int = 0,
+        regularization: float = 0.01,
+        distance_metric: str = "mahalanobis",
+        blur_sigma: float = 4.0,
+        pretrained: bool = True,
+        device: str | torch.device | None = None,
+        channel_index: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__(backbone, layers, image_size, blur_sigma, pretrained, device)
+        if distance_metric not in DISTANCE_METRICS:
+            raise ValueError(f"distance_metric {distance_metric!r} is not one PaDiM defines; allowed: {list(DISTANCE_METRICS)}")
+        if regularization < 0:
+            raise ValueError(f"regularization must be >= 0, got {regularization}")
+        self.embedding_size = get_backbone(backbone).embedding_size(self.layers)
+        if channel_index is None:
+            channel_index = random_channel_index(self.embedding_size, n_features, seed)
+        self.channel_index = torch.as_tensor(channel_index, dtype=torch.long)
+        self.n_features = int(self.channel_index.numel())
+        self.seed = seed
+        self.regularization = float(regularization)
+        self.distance_metric = distance_metric
+        self.embedder = PatchEmbedder(self.feature_extractor(seed), self.channel_index).to(self.device)
+        self.mean_: torch.Tensor | None = None
+        self.inv_covariance_: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ fitting
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Patch embeddings `[h, w, B, n_features]` of an image batch."""
+        return self.run_optimized("embedder", lambda: self.embedder, self.prepare(images))
+
+    def accumulate(self, batches: Iterable[torch.Tensor], into: GaussianAccumulator | None = None) -> GaussianAccumulator:
+        """Stream image batches into a Gaussian accumulator (mergeable across workers by `+`)."""
+        accumulator = into
+        for batch in batches:
+            embedding = self.embed(batch)
+            height, width, count, channels = embedding.shape
+            if accumulator is None:
+                accumulator = GaussianAccumulator.empty((height, width), channels, device=embedding.device)
+            accumulator.update(embedding.reshape(height * width, count, channels))
+        if accumulator is None:
+            raise ValueError("fit needs at least one batch of training images, got none")
+        return accumulator
+
+    def fit_accumulator(self, accumulator: GaussianAccumulator) -> "PadimModel":
+        """Finalise the Gaussians from (possibly merged) running sums."""
+        mean, inv_covariance = accumulator.finalize(self.regularization)
+        self._set_gaussian(mean, inv_covariance, accumulator.grid_shape)
+        self.n_train_ = accumulator.count
+        return self
+
+    def fit(self, batches: Iterable[torch.Tensor]) -> "PadimModel":
+        return self.fit_accumulator(self.accumulate(batches))
+
+    def _set_gaussian(self, mean: torch.Tensor, inv_covariance: torch.Tensor, grid_shape: tuple[int, int]) -> None:
+        self.mean_ = mean.to(self.device)
+        self.inv_covariance_ = inv_covariance.to(self.device)
+        self.grid_shape_ = tuple(grid_shape)
+        self.forget_optimized()
+
+    def _forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.run_optimized("scorer", self._scorer, images)
+
+    def _scorer(self) -> nn.Module:
+        scorer = MahalanobisScorer(self.mean_, self.inv_covariance_, self.grid_shape_, self.image_size, self.blur_sigma)
+        return _EmbedAndScore(self.embedder, scorer)
+
+    # ------------------------------------------------------------------ persistence
+    def _settings(self) -> dict[str, Any]:
+        return {
+            "n_features": self.n_features, "embedding_size": self.embedding_size, "seed": self.seed,
+            "regularization": self.regularization, "distance_metric": self.distance_metric,
+        }
+
+    def _state(self) -> dict[str, torch.Tensor]:
+        return {
+            "mean": self.mean_.float(), "inv_covariance": self.inv_covariance_.float(), "channel_index": self.channel_index,
+        }
+
+    @classmethod
+    def _from_file(cls, file: ModelFile, common: dict[str, Any], device: torch.device | None) -> "PadimModel":
+        settings = file.metadata["settings"]
+        channels = settings["n_features"]
+        index = check_tensor(file, "channel_index", (channels,), torch.int64)
+        model = cls(
+            **common, n_features=channels, seed=settings["seed"], regularization=settings["regularization"],
+            distance_metric=settings["distance_metric"], channel_index=index,
+        )
+        if settings["embedding_size"] != model.embedding_size:
+            raise ValueError(f"embedding_size {settings['embedding_size']} but layers {list(model.layers)} give {model.embedding_size}")
+        height, width = file.metadata["grid_shape"]
+        mean = check_tensor(file, "mean", (height * width, channels), torch.float32)
+        inverse = check_tensor(file, "inv_covariance", (height * width, channels, channels), torch.float32)
+        model._set_gaussian(mean, inverse, (height, width))
+        return model
+
+
+class _EmbedAndScore(nn.Module):
+    """Images -> (scores, maps) as one module, so the whole path is traced and frozen together."""
+
+    def __init__(self, embedder: nn.Module, scorer: nn.Module) -> None:
+        super().__init__()
+        self.embedder = embedder
+        self.scorer = scorer
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.scorer(self.embedder(images))

@@ -1,0 +1,108 @@
+"""The pieces of jobs.fit that need no Ray: the fail-fast start, one unit's task, the summary table,
+progress lines and metrics.json's shape."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import ray
+from mlflow import MlflowClient
+
+from jobs.common import tracking
+from jobs.common.config import load_job_config
+from jobs.common.runner import FAILED, OK, TaskResult, Unit
+from jobs.fit import job as fit
+
+from support.paths import DEMO_CONFIG
+from support.servers import free_port
+
+
+def result(category: str, status: str = OK, error: str | None = None, seconds: float | None = None,
+           **values: object) -> TaskResult:
+    return TaskResult(category, "padim", status=status, error=error, seconds=seconds, values=dict(values))
+
+
+def test_job_with_unreachable_server_stops_before_ray_and_fitting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "data" / "widget" / "train" / "good").mkdir(parents=True)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    started = time.monotonic()
+    code = fit.main(["--config", str(DEMO_CONFIG), "--data-root", str(tmp_path / "data"), "--output", str(tmp_path / "out")])
+    assert code == 2
+    assert time.monotonic() - started < 10
+    error = capsys.readouterr().err
+    assert error.startswith("padim-fit: error: MLflow tracking server") and "unreachable" in error
+    assert error.rstrip().endswith("(nothing was started)")
+    assert not ray.is_initialized()
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_data_root_is_refused_before_anything_starts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = fit.main(["--config", str(DEMO_CONFIG), "--data-root", str(tmp_path / "nowhere"), "--output", str(tmp_path / "out"),
+                     "--categories", "bottle"])
+    assert code == 2 and "nowhere" in capsys.readouterr().err
+    assert not ray.is_initialized() and not (tmp_path / "out").exists()
+
+
+def test_a_failing_unit_returns_the_reason_and_saves_nothing(tmp_path: Path) -> None:
+    """The task function itself, without Ray: it must never raise."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = tracking.prepare_experiment(client, "unit", uri, tmp_path)
+    config = load_job_config(DEMO_CONFIG, ["padim.image_size=64"])
+    parent = tracking.start_parent_run(client, experiment, "fit", {}, {})
+    run_id = tracking.start_child_run(client, experiment, parent, "missing", "padim", tracking.detector_params(config, "padim"))
+    request = fit.FitRequest(Unit("missing", "padim"), str(tmp_path / "missing"), config, str(tmp_path / "models"),
+                             uri, run_id, "cpu", 1)
+    done = fit.fit_unit(request)
+    assert done.status == FAILED and (done.category, done.detector) == ("missing", "padim")
+    assert done.error.startswith("DatasetError: ") and "train/good is missing" in done.error
+    assert done.traceback.startswith("Traceback") and "DatasetError" in done.traceback
+    assert not (tmp_path / "models").exists()
+    assert client.get_run(run_id).info.status == "RUNNING"  # the driver closes it, with the reason
+
+
+def test_summary_table_fits_a_screen_and_lists_failures() -> None:
+    results = [
+        result("bottle", n_train=209, n_test=83, image_auroc=0.99841, pixel_auroc=0.9812, aupro=0.9123,
+               threshold=12.3456, fit_seconds=41.25, fit_images_per_second=5.07),
+        result("cable", n_train=224, n_test=150, image_auroc=None, fit_seconds=3.0, fit_images_per_second=74.7),
+        result("broken_category", FAILED, "ValueError: a covariance needs at least 2 training images, got 1", n_train=1),
+    ]
+    table = fit.format_table(results)
+    lines = table.splitlines()
+    assert lines[0].split() == ["category", "detector", "status", "train", "test", "img", "AUROC", "px", "AUROC", "AUPRO",
+                                "threshold", "fit", "s", "img/s"]
+    assert set(lines[1].replace(" ", "")) == {"-"}
+    assert lines[2].split() == ["bottle", "padim", "ok", "209", "83", "0.998", "0.981", "0.912", "12.35", "41.2", "5.1"]
+    assert lines[3].split() == ["cable", "padim", "ok", "224", "150", "-", "-", "-", "-", "3.0", "74.7"]
+    assert lines[4].split()[:4] == ["broken_category", "padim", "failed", "1"]
+    assert lines[-1] == "broken_category/padim failed: ValueError: a covariance needs at least 2 training images, got 1"
+    # columns line up: every row's numbers end where their header ends
+    assert len({len(line) for line in lines[:4]}) == 1
+    assert max(len(line) for line in lines[:5]) <= 100
+
+
+def test_progress_lines_say_what_finished() -> None:
+    job = fit.FitJob(load_job_config(DEMO_CONFIG), DEMO_CONFIG)
+    done = result("bottle", seconds=50.04, n_train=209, n_test=83, image_auroc=0.9984)
+    assert job.progress_line(done) == "done in 50.0 s: 209 train + 83 test images, image AUROC 0.998"
+    failed = result("cable", FAILED, "DatasetError: no training images in /d/cable/train/good", seconds=0.4)
+    assert job.progress_line(failed) == "FAILED after 0.4 s: DatasetError: no training images in /d/cable/train/good"
+    assert job.progress_line(result("grid", FAILED, "RayTaskError: worker died")) == "FAILED after -: RayTaskError: worker died"
+
+
+def test_metrics_json_lists_every_category_and_detector_with_the_same_keys() -> None:
+    found = fit.metrics_by_category([
+        result("bottle", seconds=3.0, image_auroc=0.99, n_train=10, model_path="/m/padim/bottle.safetensors", model_version="3"),
+        result("cable", FAILED, "DatasetError: gone"),
+    ])
+    assert list(found) == ["bottle", "cable"] and list(found["bottle"]) == ["padim"]
+    bottle, cable = found["bottle"]["padim"], found["cable"]["padim"]
+    assert bottle.keys() == cable.keys() >= {"status", "error", *fit.SUMMARY_FIELDS, "seconds", "model_path", "model_version"}
+    assert (bottle["status"], bottle["image_auroc"], bottle["model_version"]) == ("ok", 0.99, "3")
+    assert (cable["status"], cable["error"], cable["image_auroc"], cable["model_path"]) == ("failed", "DatasetError: gone", None, None)

@@ -1,0 +1,231 @@
+"""jobs.fit end to end: on a real Ray head through `ray job submit`, against a real `mlflow server`,
+and with the embedded local Ray when one category is broken.
+
+Servers bind to 127.0.0.1 only and are stopped at the end of each test, by process id
+(`support.servers`).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from padim_core.demo_data import build_demo_dataset
+
+from support.paths import BIN, DEMO_CONFIG, REPO_ROOT
+from support.servers import (
+    free_port,
+    local_env,
+    mlflow_server_command,
+    ray_env,
+    ray_head_command,
+    started,
+    stop_process_tree,
+    wait_for_http,
+)
+from support.tracking import runs_by_name, version_files
+
+pytestmark = pytest.mark.slow
+
+FAST = ["--set", "padim.image_size=64", "--set", "fit.heatmap_examples=2", "--set", "data.batch_size=8"]
+METRICS = {"image_auroc", "pixel_auroc", "aupro", "threshold", "fit_seconds", "images_per_second"}
+PARAMS = {"detector", "backbone", "layers", "n_features", "image_size", "seed", "n_train"}
+
+
+# -------------------------------------------------------------------------------- tests
+def test_ray_job_submit_fits_categories_into_an_mlflow_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlflow
+    from mlflow import MlflowClient
+
+    data = build_demo_dataset(tmp_path / "data", train=6, test_good=3, test_defect=1, size=64)
+    output = tmp_path / "out"
+    server_folder = tmp_path / "mlflow"
+    server_folder.mkdir()
+    # Ray's socket paths must stay under 107 characters: a short folder of our own in /tmp.
+    ray_temp = Path(tempfile.mkdtemp(prefix="ray-e2e-", dir="/tmp"))
+    token_file = tmp_path / "ray_token"
+    token_file.write_text(secrets.token_hex(32))
+    env = ray_env(token_file)
+    mlflow_port, gcs_port, dashboard_port = free_port(), free_port(), free_port()
+    uri = f"http://127.0.0.1:{mlflow_port}"
+    categories = ["brick", "grass"]
+    try:
+        with started(mlflow_server_command(server_folder, mlflow_port), tmp_path / "mlflow.log") as server, \
+                started(ray_head_command(ray_temp, gcs_port, dashboard_port), tmp_path / "ray.log", env) as head:
+            wait_for_http(f"{uri}/health", server, tmp_path / "mlflow.log", timeout=120)
+            wait_for_http(f"http://127.0.0.1:{dashboard_port}/api/version", head, tmp_path / "ray.log", timeout=120)
+            submitted = time.monotonic()
+            job = subprocess.run(
+                [
+                    str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dashboard_port}",
+                    "--working-dir", str(REPO_ROOT),
+                    "--runtime-env-json", json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": uri}}),
+                    "--", "python", "-m", "jobs.fit", "--config", "configs/demo.yaml", "--data-root", str(data),
+                    "--output", str(output), "--categories", ",".join(categories),
+                    "--set", "tracking.experiment=padim-e2e", *FAST,
+                ],
+                env=env, capture_output=True, text=True, check=False, timeout=420,
+            )
+            log = job.stdout + job.stderr
+            assert job.returncode == 0, log[-5000:]
+            print(f"ray job submit took {time.monotonic() - submitted:.0f} s")
+            assert "succeeded" in log
+            for name in categories:
+                assert f"[{name}/padim] started: 6 train + 7 test images" in log
+            assert "[2/2]" in log and "image AUROC" in log
+
+            # What the driver left on the head's disk.
+            summary = json.loads((output / "metrics.json").read_text())
+            statuses = {name: {kind: entry["status"] for kind, entry in kinds.items()} for name, kinds in summary["categories"].items()}
+            assert statuses == {name: {"padim": "ok"} for name in categories}
+            assert summary["tracking_uri"] == uri
+            assert sorted(path.name for path in (output / "models").iterdir()) == ["padim"]
+            assert sorted(path.name for path in (output / "models" / "padim").iterdir()) == [f"{name}.safetensors" for name in categories]
+            assert not (output / "mlflow.db").exists()  # the server holds the runs, not a local file
+
+            # What the MLflow server holds, read back over HTTP. `models:/` URIs resolve through
+            # the default registry, which follows MLFLOW_TRACKING_URI (else ./mlflow.db).
+            monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+            monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+            client = MlflowClient(uri)
+            experiment = client.get_experiment_by_name("padim-e2e")
+            assert experiment.artifact_location.startswith("mlflow-artifacts:")
+            parent, children = runs_by_name(client, experiment.experiment_id)
+            assert parent.info.status == "FINISHED"
+            assert parent.data.params["padim.image_size"] == "64"
+            assert parent.data.metrics["units"] == 2 and parent.data.metrics["units_failed"] == 0
+            assert parent.data.params["detectors"] == "padim" and parent.data.params["categories"] == ",".join(categories)
+            parent_files = {item.path for item in client.list_artifacts(parent.info.run_id, "config")}
+            assert parent_files == {"config/demo.yaml", "config/resolved.yaml"}
+            assert {item.path for item in client.list_artifacts(parent.info.run_id)} >= {"config", "metrics.json"}
+            assert sorted(children) == [f"{name}-padim" for name in categories]
+            for name in categories:
+                run = children[f"{name}-padim"]
+                assert run.info.status == "FINISHED", run.data.tags.get("error")
+                assert (run.data.tags["category"], run.data.tags["detector"]) == (name, "padim")
+                assert METRICS <= set(run.data.metrics)
+                assert PARAMS <= set(run.data.params)
+                assert run.data.params["n_train"] == "6" and run.data.params["image_size"] == "64x64"
+                assert run.data.params["backbone"] == "efficientnet_lite0" and run.data.params["detector"] == "padim"
+                assert 0.0 <= run.data.metrics["image_auroc"] <= 1.0
+                assert run.data.metrics["image_auroc"] == pytest.approx(summary["categories"][name]["padim"]["image_auroc"])
+                top = {item.path for item in client.list_artifacts(run.info.run_id)}
+                assert {"scores.parquet", "roc_curve.png", "score_histogram.png", "heatmaps"} <= top
+                heatmaps = client.list_artifacts(run.info.run_id, "heatmaps")
+                assert len(heatmaps) == 2 and all(item.path.endswith(".png") for item in heatmaps)
+                version = client.get_model_version_by_alias(f"padim-{name}", "champion")
+                assert version.run_id == run.info.run_id
+                assert str(version.version) == summary["categories"][name]["padim"]["model_version"]
+                # logged from code through the server: the model holds no pickle
+                model_files = version_files(client, f"padim-{name}", "champion")
+                assert {"MLmodel", f"artifacts/{name}.safetensors", "code/jobs/common/pyfunc_model.py"} <= set(model_files)
+                assert not [path for path in model_files if path.endswith(".pkl")], model_files
+            # Artifacts went through the server into its artifact store.
+            assert list((server_folder / "artifacts").rglob("scores.parquet"))
+
+            # The registered model scores an image as the job did, and loads without unpickling anything.
+            run = children["brick-padim"]
+            table = pq.read_table(
+                mlflow.artifacts.download_artifacts(
+                    run_id=run.info.run_id, artifact_path="scores.parquet", dst_path=str(tmp_path / "dl"), tracking_uri=uri
+                )
+            ).to_pandas()
+            assert len(table) == 7 and set(table.columns) >= {"source", "image_score", "is_anomalous", "label"}
+            monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+            model = mlflow.pyfunc.load_model("models:/padim-brick@champion")
+            defective = table[table.label == 1].iloc[0]
+            image = Path(defective.source)
+            scored = model.predict(pd.DataFrame({"image": [str(image), image.read_bytes()]}))
+            assert list(scored.columns) == ["image_score", "is_anomalous", "error"]
+            assert scored.image_score.tolist() == pytest.approx([defective.image_score] * 2, rel=1e-3)
+            assert scored.is_anomalous.tolist() == [bool(defective.is_anomalous)] * 2
+    finally:
+        shutil.rmtree(ray_temp, ignore_errors=True)
+
+
+def test_one_broken_category_fails_alone(tmp_path: Path) -> None:
+    """Embedded local Ray and the default SQLite store, as `padim-fit` runs on a laptop."""
+    from mlflow import MlflowClient
+
+    data = build_demo_dataset(tmp_path / "data", train=5, test_good=2, test_defect=1, size=64)
+    for extra in sorted((data / "gravel" / "train" / "good").iterdir())[1:]:
+        extra.unlink()  # one training image: no covariance can be estimated
+    (data / "grass" / "train" / "good" / "002.png").write_bytes(b"not an image")
+    output = tmp_path / "out"
+    started_at = time.monotonic()
+    job = subprocess.run(
+        [str(BIN / "padim-fit"), "--config", str(DEMO_CONFIG), "--data-root", str(data), "--output", str(output), *FAST],
+        cwd=tmp_path, env=local_env(), capture_output=True, text=True, check=False, timeout=400,
+    )
+    print(f"padim-fit took {time.monotonic() - started_at:.0f} s")
+    log = job.stdout + job.stderr
+    assert job.returncode == 1, log[-5000:]
+    assert "[3/3]" in log and "; 2 FAILED" in log
+    assert "gravel/padim failed: ValueError: a covariance needs at least 2 training images, got 1" in log
+
+    summary = {name: kinds["padim"] for name, kinds in json.loads((output / "metrics.json").read_text())["categories"].items()}
+    assert summary["brick"]["status"] == "ok" and summary["brick"]["error"] is None
+    assert 0.0 <= summary["brick"]["image_auroc"] <= 1.0
+    assert summary["gravel"]["status"] == "failed"
+    assert "at least 2 training images, got 1" in summary["gravel"]["error"]
+    assert summary["grass"]["status"] == "failed"
+    assert "002.png" in summary["grass"]["error"] and "ImageDecodeError" in summary["grass"]["error"]
+    assert all(set(entry) >= {"image_auroc", "pixel_auroc", "aupro", "threshold", "n_train", "n_test", "fit_seconds",
+                              "fit_images_per_second", "status", "error"} for entry in summary.values())
+    # Only the category that succeeded has a model; nothing partial or temporary is left.
+    assert [path.name for path in (output / "models" / "padim").iterdir()] == ["brick.safetensors"]
+    assert summary["brick"]["model_path"] == str(output / "models" / "padim" / "brick.safetensors")
+
+    client = MlflowClient(f"sqlite:///{output / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("padim-demo")
+    assert experiment.artifact_location == (output / "mlartifacts").as_uri()
+    parent, children = runs_by_name(client, experiment.experiment_id)
+    assert parent.info.status == "FAILED" and "2 of 3 failed" in parent.data.tags["error"]
+    assert children["brick-padim"].info.status == "FINISHED"
+    for name in ("grass", "gravel"):
+        run = children[f"{name}-padim"]
+        assert run.info.status == "FAILED"
+        assert run.data.tags["error"] == summary[name]["error"]
+        assert "error.txt" in {item.path for item in client.list_artifacts(run.info.run_id)}
+    assert [model.name for model in client.search_registered_models()] == ["padim-brick"]
+    assert f"mlflow ui --backend-store-uri sqlite:///{output / 'mlflow.db'}" in log
+
+
+def test_bottle_auroc_matches_padim_core_evaluate(mvtec_root: Path, tmp_path: Path) -> None:
+    """Through Ray and MLflow, the figures are padim_core's own: the job adds orchestration, not maths."""
+    config = tmp_path / "bottle.yaml"
+    config.write_text(DEMO_CONFIG.read_text())
+    overrides = ["--set", "padim.image_size=64", "--set", "fit.heatmap_examples=0", "--set", "tasks.device=cpu"]
+    commands = {
+        "fit": [sys.executable, "-m", "jobs.fit", "--config", str(config), "--data-root", str(mvtec_root),
+                "--categories", "bottle", "--output", str(tmp_path / "out"), *overrides],
+        "evaluate": [str(BIN / "padim-evaluate"), str(mvtec_root / "bottle"), "--config", str(config),
+                     "--image-size", "64", "--device", "cpu", "--json", str(tmp_path / "evaluate.json")],
+    }
+    # Side by side: each spends much of its time starting up (Ray, imports) rather than computing.
+    running = {name: subprocess.Popen(command, cwd=tmp_path, env=local_env(), stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True) for name, command in commands.items()}
+    try:
+        logs = {name: process.communicate(timeout=900)[0] for name, process in running.items()}
+    finally:
+        for process in running.values():
+            if process.poll() is None:
+                stop_process_tree(process)
+    for name, process in running.items():
+        assert process.returncode == 0, f"{name}: {logs[name][-5000:]}"
+    job = json.loads((tmp_path / "out" / "metrics.json").read_text())["categories"]["bottle"]["padim"]
+    reference = json.loads((tmp_path / "evaluate.json").read_text())
+    print(f"bottle image AUROC: jobs.fit {job['image_auroc']:.6f}, padim_core.evaluate {reference['image_auroc']:.6f}")
+    assert job["n_train"] == reference["n_train"] and job["n_test"] == reference["n_test"]
+    for key in ("image_auroc", "pixel_auroc", "aupro"):
+        assert job[key] == pytest.approx(reference[key], abs=1e-4), key
