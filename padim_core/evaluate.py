@@ -63,6 +63,7 @@ def fit_detector(model: Detector, images: Sequence[Path], batch_size: int, worke
 def evaluate_category(category: MvtecCategory, config: ExperimentConfig, device: str | None = None,
                       kind: str | None = None) -> Evaluation:
     """Fit on `train/good`, then score and calibrate on the test split when there is one."""
+    reset_peak_rss()
     model = config.build_detector(kind, device)
     batch_size, workers = config.data.batch_size, config.data.num_workers
     log.info("%s: fitting %s on %d images", category.name, model.kind, len(category.train_images))
@@ -87,6 +88,7 @@ def evaluate_category(category: MvtecCategory, config: ExperimentConfig, device:
         "fit_seconds": fit_seconds,
         "fit_images_per_second": len(category.train_images) / fit_seconds,
         "predict_images_per_second": len(samples) / predict_seconds if samples else None,
+        "model_size_mb": len(model.to_bytes()) / 1e6,
     }
     normal = scores[labels == 0]
     if len(normal):
@@ -110,11 +112,21 @@ def evaluate_category(category: MvtecCategory, config: ExperimentConfig, device:
             map_min=float(maps.min()),
             map_max=float(maps.max()),
         )
+    metrics["peak_rss_mb"] = peak_rss_mb()
     return Evaluation(model, metrics, sources, [s.defect for s in samples], labels, scores, maps, masks)
 
 
+def reset_peak_rss() -> None:
+    """Start the peak below from now (Linux: clear_refs 5 resets VmHWM), so a long-lived worker
+    process reports the peak of its current task; elsewhere the peak stays the process's."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process in MB.
+    """Peak resident memory of this process in MB (since `reset_peak_rss`, where it works).
 
     Read from /proc's VmHWM where there is one: unlike `ru_maxrss`, it is not inherited from the
     parent across fork and exec, so a benchmark's child process reports only its own peak.
@@ -172,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PadimError as error:
         print(f"padim-evaluate: failed: {error}", file=sys.stderr)
         return 1
-    figures = dict(evaluation.metrics, peak_rss_mb=peak_rss_mb())
+    figures = evaluation.metrics
     width = max(map(len, figures))
     for key, value in figures.items():
         shown = f"{value:.4f}" if isinstance(value, float) else value

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any, Iterable, Sequence
 
 import torch
-from torch import nn
 
 from padim_core.anomaly_map import MahalanobisScorer
 from padim_core.backbones import get_backbone
@@ -58,6 +57,7 @@ class PadimModel(Detector):
         self.embedder = PatchEmbedder(self.feature_extractor(seed), self.channel_index).to(self.device)
         self.mean_: torch.Tensor | None = None
         self.inv_covariance_: torch.Tensor | None = None
+        self._scorer: MahalanobisScorer | None = None
 
     # ------------------------------------------------------------------ fitting
     def embed(self, images: torch.Tensor) -> torch.Tensor:
@@ -91,14 +91,14 @@ class PadimModel(Detector):
         self.mean_ = mean.to(self.device)
         self.inv_covariance_ = inv_covariance.to(self.device)
         self.grid_shape_ = tuple(grid_shape)
-        self.forget_optimized()
+        self._scorer: MahalanobisScorer | None = None
 
     def _forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.run_optimized("scorer", self._scorer, images)
-
-    def _scorer(self) -> nn.Module:
-        scorer = MahalanobisScorer(self.mean_, self.inv_covariance_, self.grid_shape_, self.image_size, self.blur_sigma)
-        return _EmbedAndScore(self.embedder, scorer)
+        """The traced embedder (shared with fitting), then the distances and maps: a few large
+        batched products that gain nothing from tracing."""
+        if self._scorer is None:
+            self._scorer = MahalanobisScorer(self.mean_, self.inv_covariance_, self.grid_shape_, self.image_size, self.blur_sigma)
+        return self._scorer(self.embed(images))
 
     # ------------------------------------------------------------------ persistence
     def _settings(self) -> dict[str, Any]:
@@ -128,15 +128,3 @@ class PadimModel(Detector):
         inverse = check_tensor(file, "inv_covariance", (height * width, channels, channels), torch.float32)
         model._set_gaussian(mean, inverse, (height, width))
         return model
-
-
-class _EmbedAndScore(nn.Module):
-    """Images -> (scores, maps) as one module, so the whole path is traced and frozen together."""
-
-    def __init__(self, embedder: nn.Module, scorer: nn.Module) -> None:
-        super().__init__()
-        self.embedder = embedder
-        self.scorer = scorer
-
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.scorer(self.embedder(images))

@@ -8,7 +8,7 @@ each shifted variant goes through `scoring.score_batch` as the unshifted images 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -125,3 +125,46 @@ def evaluate_shifts(
             if progress:
                 progress(result)
     return results
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """How one shift affects one category."""
+
+    shift: str
+    ranking_breaks_at: int | None  # first severity where an AUROC fell more than the tolerance
+    threshold_breaks_at: int | None  # first severity where FPR or FNR rose more than the tolerance
+    image_auroc_drop: float | None  # at ranking_breaks_at, else at the strongest level
+
+
+def _drop(row: Mapping[str, Any], baseline: Mapping[str, Any], key: str) -> float | None:
+    return None if row[key] is None or baseline[key] is None else baseline[key] - row[key]
+
+
+def _exceeds(value: float | None, tolerance: float) -> bool:
+    return value is not None and value > tolerance
+
+
+def verdicts(rows: Sequence[Mapping[str, Any]], tolerance: float) -> list[Verdict]:
+    """One verdict per shift in `rows` (one model's `ShiftFigures` as dicts), the first to break first.
+
+    A shift breaks ranking at the first severity where the image or pixel AUROC falls more than
+    `tolerance` below the unshifted figure, and breaks the threshold at the first severity where
+    the false-positive or false-negative rate rises more than `tolerance` above it."""
+    by_shift: dict[str, list[Mapping[str, Any]]] = {}
+    for row in rows:
+        by_shift.setdefault(row["shift"], []).append(row)
+    found = []
+    for shift, shift_rows in by_shift.items():
+        ordered = sorted(shift_rows, key=lambda row: row["severity"])
+        baseline, shifted = ordered[0], ordered[1:]
+        ranking = next((row for row in shifted if any(
+            _exceeds(_drop(row, baseline, key), tolerance) for key in ("image_auroc", "pixel_auroc"))), None)
+        threshold = next((row for row in shifted if any(
+            _exceeds(_drop(baseline, row, key), tolerance) for key in ("false_positive_rate", "false_negative_rate"))), None)
+        judged = ranking or (shifted[-1] if shifted else baseline)
+        found.append(Verdict(
+            shift, ranking and ranking["severity"], threshold and threshold["severity"], _drop(judged, baseline, "image_auroc"),
+        ))
+    never = float("inf")
+    return sorted(found, key=lambda v: (v.ranking_breaks_at or never, -(v.image_auroc_drop or 0.0), v.threshold_breaks_at or never))

@@ -144,3 +144,27 @@ def severity_figure(panels: dict[str, dict[str, tuple[list[int], list[float | No
         axes.grid(alpha=0.3)
     figure.axes[0].legend(fontsize="small")
     return _png_bytes(figure)
+
+
+def comparison_figure(rows: list[dict], titles: dict[str, str]) -> bytes:
+    """Grouped bars, as PNG bytes: one panel per figure in `titles`, categories along the axis, one
+    bar per detector. `rows` hold `category`, `detector` and the figures (None leaves a gap)."""
+    if not rows:
+        raise ValueError("no rows to plot")
+    categories = list(dict.fromkeys(row["category"] for row in rows))
+    detectors = list(dict.fromkeys(row["detector"] for row in rows))
+    values = {(row["category"], row["detector"]): row for row in rows}
+    columns = min(3, len(titles))
+    figure = Figure(figsize=(4.5 * columns, 3.2 * -(-len(titles) // columns)), layout="constrained")
+    width = 0.8 / len(detectors)
+    for index, (key, title) in enumerate(titles.items()):
+        axes = figure.add_subplot(-(-len(titles) // columns), columns, index + 1)
+        for offset, detector in enumerate(detectors):
+            heights = [np.nan if (values.get((c, detector)) or {}).get(key) is None else values[c, detector][key]
+                       for c in categories]
+            axes.bar(np.arange(len(categories)) + (offset - (len(detectors) - 1) / 2) * width, heights, width, label=detector)
+        axes.set_xticks(np.arange(len(categories)), categories, rotation=30, ha="right")
+        axes.set_title(title)
+        axes.grid(axis="y", alpha=0.3)
+    figure.legend(*figure.axes[0].get_legend_handles_labels(), loc="outside upper center", ncols=len(detectors))
+    return _png_bytes(figure)

@@ -18,7 +18,8 @@ from typing import Any, Callable, TypeVar
 
 from jobs.common.config import JobConfig, load_job_config
 from jobs.common.ray_runtime import under_job_submission
-from padim_core.errors import PadimError
+from padim_core.detector import KINDS
+from padim_core.errors import ConfigError, PadimError
 
 Prepared = TypeVar("Prepared")
 
@@ -35,6 +36,19 @@ def add_experiment_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-root", type=Path, help="MVTec-AD-style dataset folder (overrides data.root)")
     parser.add_argument("--categories", help="comma-separated category names, or 'all' (overrides data.categories)")
     parser.add_argument("--output", type=Path, help="output folder (overrides output)")
+    parser.add_argument("--detectors", help="comma-separated detector kinds, one task each per category, e.g. "
+                                             "padim,patchcore (default: the config's detector)")
+
+
+def detector_kinds(args: argparse.Namespace, config: JobConfig) -> list[str]:
+    """`--detectors` as a list of known kinds, or the config's `detector`."""
+    if getattr(args, "detectors", None) is None:
+        return [config.detector]
+    kinds = [kind.strip() for kind in args.detectors.split(",") if kind.strip()]
+    unknown = [kind for kind in kinds if kind not in KINDS]
+    if not kinds or unknown or len(set(kinds)) != len(kinds):
+        raise ConfigError(f"--detectors {args.detectors!r}: expected distinct names from {sorted(KINDS)}")
+    return kinds
 
 
 def build_config(args: argparse.Namespace) -> JobConfig:

@@ -28,3 +28,7 @@ def shift() -> None:
 
 def demo() -> None:
     _console("jobs.demo.job")
+
+
+def compare() -> None:
+    _console("jobs.compare.job")

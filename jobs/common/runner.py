@@ -118,9 +118,10 @@ class PerCategoryJob(ABC):
 
     name: ClassVar[str]  # "fit": prints as `padim-fit`, runs named `fit-<date>`
 
-    def __init__(self, config: JobConfig, config_file: Path | None) -> None:
+    def __init__(self, config: JobConfig, config_file: Path | None, detectors: Sequence[str] = ()) -> None:
         self.config = config
         self.config_file = config_file
+        self.kinds = list(detectors) or [config.detector]
         self.output = config.output_folder
         self.root = Path(config.data.root).expanduser().resolve()
         self.categories: list[str] = []
@@ -136,10 +137,6 @@ class PerCategoryJob(ABC):
         print(f"{self.prog}: {text}", flush=True)
 
     # --------------------------------------------------------------------- hooks
-    def detectors(self) -> list[str]:
-        """The detector kinds of this invocation (default: the config's `detector`)."""
-        return [self.config.detector]
-
     def prepare(self) -> None:
         """Checks that need no Ray (the runner already found the categories); raise PadimError."""
 
@@ -186,8 +183,8 @@ def run_job(job: PerCategoryJob) -> int:
     """Run a prepared job; 0 when every unit succeeded, 1 when any failed."""
     began = time.perf_counter()
     client, config = job.client, job.config
-    units = [Unit(category, kind) for category in job.categories for kind in job.detectors()]
-    job.say(f"{len(job.categories)} categories x {len(job.detectors())} detectors from {job.root} -> {job.output}")
+    units = [Unit(category, kind) for category in job.categories for kind in job.kinds]
+    job.say(f"{len(job.categories)} categories x {len(job.kinds)} detectors ({', '.join(job.kinds)}) from {job.root} -> {job.output}")
     job.say(f"tracking at {job.tracking_uri}, experiment {config.tracking.experiment!r}")
     cluster = ray_runtime.connect()
     parent_id = None
@@ -198,7 +195,7 @@ def run_job(job: PerCategoryJob) -> int:
         parent_id = tracking.start_parent_run(
             client, job.experiment_id, job.name,
             params={**job.parent_params(), "categories": ",".join(job.categories),
-                    "detectors": ",".join(job.detectors()), "device": resources.device},
+                    "detectors": ",".join(job.kinds), "device": resources.device},
             tags={"data_root": str(job.root), "ray": cluster}, config=config, config_file=job.config_file,
         )
         context = RunContext(client, job.tracking_uri, job.experiment_id, parent_id, resources, cluster, began)

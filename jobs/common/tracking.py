@@ -31,6 +31,8 @@ from padim_core.errors import PadimError
 DATABASE_NAME = "mlflow.db"
 ARTIFACTS_FOLDER = "mlartifacts"
 ERROR_TAG = "error"
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+"""MLflow 3's experiment tag for the UI's model-training view (the other kind is GenAI development)."""
 
 # Tag values above MLflow's limit (8000) are refused; a reason this long is a traceback anyway.
 _MAX_REASON = 4000
@@ -96,7 +98,9 @@ def prepare_experiment(client: MlflowClient, name: str, uri: str, output: str | 
 
     With a local database, new experiments keep their artifacts next to it, under
     `OUTPUT/mlartifacts` (MLflow's default would be `./mlruns` in whatever folder the job
-    happens to start in). A server decides for itself where artifacts go.
+    happens to start in). A server decides for itself where artifacts go. The experiment is
+    tagged as model development (`EXPERIMENT_KIND`), so MLflow 3's UI opens on its runs and
+    model-training views rather than the GenAI ones.
     """
     try:
         experiment = client.get_experiment_by_name(name)
@@ -106,9 +110,11 @@ def prepare_experiment(client: MlflowClient, name: str, uri: str, output: str | 
                     f"MLflow experiment {name!r} is deleted at {uri}; restore it "
                     "(mlflow experiments restore) or set tracking.experiment to another name"
                 )
+            if EXPERIMENT_KIND[0] not in experiment.tags:
+                client.set_experiment_tag(experiment.experiment_id, *EXPERIMENT_KIND)
             return experiment.experiment_id
         location = (Path(output).resolve() / ARTIFACTS_FOLDER).as_uri() if is_sqlite(uri) else None
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location, tags=dict([EXPERIMENT_KIND]))
     except mlflow.exceptions.MlflowException as error:
         raise TrackingError(f"MLflow tracking store {uri} cannot be used: {error.message}") from None
 

@@ -26,6 +26,7 @@ from mlflow import MlflowClient
 
 from jobs.common import cli, runner, tracking
 from jobs.common.catalog import model_path
+from jobs.common.comparison import write_comparison
 from jobs.common.config import JobConfig
 from jobs.common.pyfunc import log_pyfunc_model
 from jobs.common.runner import PerCategoryJob, RunContext, TaskResult, Unit
@@ -37,13 +38,15 @@ from padim_core.safe_write import write_file
 
 SUMMARY_FIELDS = (
     "image_auroc", "pixel_auroc", "aupro", "threshold", "n_train", "n_test", "fit_seconds", "fit_images_per_second",
+    "predict_images_per_second", "model_size_mb", "peak_rss_mb",
 )
 """Per (category, detector) figures in metrics.json and the summary table, next to `status` and `error`."""
 
 METRICS = {
     "image_auroc": "image_auroc", "pixel_auroc": "pixel_auroc", "aupro": "aupro", "threshold": "threshold",
     "fit_seconds": "fit_seconds", "images_per_second": "fit_images_per_second",
-    "predict_images_per_second": "predict_images_per_second",
+    "predict_images_per_second": "predict_images_per_second", "model_size_mb": "model_size_mb",
+    "peak_rss_mb": "peak_rss_mb",
 }
 """MLflow metric name -> evaluation figure: the same names for every category and detector."""
 
@@ -155,11 +158,16 @@ class FitJob(PerCategoryJob):
                             metrics={"mean_image_auroc": sum(aurocs) / len(aurocs) if aurocs else None})
         context.client.log_artifact(context.parent_id, str(self.output / "metrics.json"))
         succeeded = sum(result.ok for result in results)
-        return [
+        lines = [
             format_table(results), "",
             f"models:  {self.output / 'models'} ({succeeded} of {len(results)} fits)",
             f"metrics: {self.output / 'metrics.json'}",
         ]
+        if len(self.kinds) > 1 and succeeded:
+            folder = write_comparison(self.output)
+            context.client.log_artifacts(context.parent_id, str(folder), "comparison")
+            lines.append(f"compare: {folder / 'report.md'}")
+        return lines
 
 
 def metrics_by_category(results: Sequence[TaskResult]) -> dict[str, dict[str, dict[str, Any]]]:
@@ -213,6 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cli.add_experiment_flags(parser)
     args = parser.parse_args(argv)
     def prepare() -> FitJob:
-        return runner.prepare_job(FitJob(cli.build_config(args), args.config))
+        config = cli.build_config(args)
+        return runner.prepare_job(FitJob(config, args.config, cli.detector_kinds(args, config)))
 
     return cli.run_main("padim-fit", prepare, runner.run_job)

@@ -96,8 +96,8 @@ def as_row(result: TaskResult) -> dict[str, Any]:
 class ShiftJob(PerCategoryJob):
     name = "shift"
 
-    def __init__(self, config: Any, config_file: Path | None, models: str | None) -> None:
-        super().__init__(config, config_file)
+    def __init__(self, config: Any, config_file: Path | None, models: str | None, detectors: Sequence[str] = ()) -> None:
+        super().__init__(config, config_file, detectors)
         self.models = models or str(self.output / "models")
 
     def task(self) -> Callable[[ShiftRequest], TaskResult]:
@@ -131,7 +131,8 @@ class ShiftJob(PerCategoryJob):
         return f"done in {result.seconds:.1f} s. {summary_sentence(result.values['figures'], self.config.shift.tolerance)}"
 
     def finish(self, results: list[TaskResult], context: RunContext) -> list[str]:
-        folder = write_report(self.output / REPORT_FOLDER, [as_row(result) for result in results], self.config, self.models)
+        rows = [{**as_row(result), "tolerance": self.config.shift.tolerance} for result in results]
+        folder = write_report(self.output / REPORT_FOLDER, rows, self.config, self.models)
         context.client.log_artifacts(context.parent_id, str(folder), "report")
         return [f"report:  {folder / 'report.md'}", f"figures: {folder / 'figures.csv'}"]
 
@@ -169,6 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                          "(default: OUTPUT/models, where padim-fit puts them)")
     args = parser.parse_args(argv)
     def prepare() -> ShiftJob:
-        return runner.prepare_job(ShiftJob(cli.build_config(args), args.config, args.models))
+        config = cli.build_config(args)
+        return runner.prepare_job(ShiftJob(config, args.config, args.models, cli.detector_kinds(args, config)))
 
     return cli.run_main("padim-shift", prepare, runner.run_job)

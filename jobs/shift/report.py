@@ -9,10 +9,9 @@ how far the image AUROC fell there.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-from padim_core.robustness import FIGURES
+from padim_core.robustness import FIGURES, verdicts
 from padim_core.shifts import SHIFTS
 from padim_core.viz import severity_figure
 
@@ -23,45 +22,6 @@ PANELS = {
 """Figure -> its title in plots and tables, in the order they are shown."""
 
 Row = Mapping[str, Any]  # one padim_core.robustness.ShiftFigures as a dict
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """How one shift affects one category."""
-
-    shift: str
-    ranking_breaks_at: int | None  # first severity where an AUROC fell more than the tolerance
-    threshold_breaks_at: int | None  # first severity where FPR or FNR rose more than the tolerance
-    image_auroc_drop: float | None  # at ranking_breaks_at, else at the strongest level
-
-
-def _drop(row: Row, baseline: Row, key: str) -> float | None:
-    return None if row[key] is None or baseline[key] is None else baseline[key] - row[key]
-
-
-def _exceeds(value: float | None, tolerance: float) -> bool:
-    return value is not None and value > tolerance
-
-
-def verdicts(rows: Sequence[Row], tolerance: float) -> list[Verdict]:
-    """One verdict per shift in `rows` (one category's figures), the first to break first."""
-    by_shift: dict[str, list[Row]] = {}
-    for row in rows:
-        by_shift.setdefault(row["shift"], []).append(row)
-    found = []
-    for shift, shift_rows in by_shift.items():
-        ordered = sorted(shift_rows, key=lambda row: row["severity"])
-        baseline, shifted = ordered[0], ordered[1:]
-        ranking = next((row for row in shifted if any(
-            _exceeds(_drop(row, baseline, key), tolerance) for key in ("image_auroc", "pixel_auroc"))), None)
-        threshold = next((row for row in shifted if any(
-            _exceeds(_drop(baseline, row, key), tolerance) for key in ("false_positive_rate", "false_negative_rate"))), None)
-        judged = ranking or (shifted[-1] if shifted else baseline)
-        found.append(Verdict(
-            shift, ranking and ranking["severity"], threshold and threshold["severity"], _drop(judged, baseline, "image_auroc"),
-        ))
-    never = float("inf")
-    return sorted(found, key=lambda v: (v.ranking_breaks_at or never, -(v.image_auroc_drop or 0.0), v.threshold_breaks_at or never))
 
 
 def _number(value: float | None) -> str:

@@ -135,3 +135,14 @@ def test_every_command_explains_itself(helps: dict[str, subprocess.CompletedProc
     flowing = " ".join(text.split())  # help lines are wrapped at the terminal's width
     for snippet in COMMANDS[command]:
         assert snippet in flowing
+
+
+def test_detectors_flag_lists_known_kinds_or_falls_back_to_the_config() -> None:
+    from jobs.common.config import load_job_config
+
+    config = load_job_config(None, ["detector=patchcore"])
+    assert cli.detector_kinds(argparse.Namespace(detectors=None), config) == ["patchcore"]
+    assert cli.detector_kinds(argparse.Namespace(detectors="padim, patchcore"), config) == ["padim", "patchcore"]
+    for bad in ("padim,padim", "padim,vae", ","):
+        with pytest.raises(ConfigError, match="expected distinct names from \\['padim', 'patchcore'\\]"):
+            cli.detector_kinds(argparse.Namespace(detectors=bad), config)

@@ -117,4 +117,4 @@ def test_prepare_job_opens_the_experiment_in_the_output_folder(tmp_path: Path, m
     job = prepare_job(RecordingJob(config, None))
     assert job.prepared and job.tracking_uri == f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}"
     assert job.client.get_experiment(job.experiment_id).name == "rec"
-    assert [unit for unit in job.detectors()] == ["padim"]
+    assert job.kinds == ["padim"]

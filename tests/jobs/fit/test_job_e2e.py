@@ -1,5 +1,6 @@
-"""jobs.fit end to end: on a real Ray head through `ray job submit`, against a real `mlflow server`,
-and with the embedded local Ray when one category is broken.
+"""jobs.fit end to end: on a real Ray head through `ray job submit`, against a real `mlflow server`
+(both detectors, then scored, shifted and compared on the same servers), and with the embedded
+local Ray when one category is broken.
 
 Servers bind to 127.0.0.1 only and are stopped at the end of each test, by process id
 (`support.servers`).
@@ -37,13 +38,16 @@ from support.tracking import runs_by_name, version_files
 
 pytestmark = pytest.mark.slow
 
-FAST = ["--set", "padim.image_size=64", "--set", "fit.heatmap_examples=2", "--set", "data.batch_size=8"]
+FAST = ["--set", "padim.image_size=64", "--set", "patchcore.image_size=64", "--set", "fit.heatmap_examples=2",
+        "--set", "data.batch_size=8"]
 METRICS = {"image_auroc", "pixel_auroc", "aupro", "threshold", "fit_seconds", "images_per_second"}
 PARAMS = {"detector", "backbone", "layers", "n_features", "image_size", "seed", "n_train"}
 
 
 # -------------------------------------------------------------------------------- tests
-def test_ray_job_submit_fits_categories_into_an_mlflow_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ray_job_submit_fits_both_detectors_then_they_score_shift_and_compare(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import mlflow
     from mlflow import MlflowClient
 
@@ -71,7 +75,7 @@ def test_ray_job_submit_fits_categories_into_an_mlflow_server(tmp_path: Path, mo
                     "--working-dir", str(REPO_ROOT),
                     "--runtime-env-json", json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": uri}}),
                     "--", "python", "-m", "jobs.fit", "--config", "configs/demo.yaml", "--data-root", str(data),
-                    "--output", str(output), "--categories", ",".join(categories),
+                    "--output", str(output), "--categories", ",".join(categories), "--detectors", "padim,patchcore",
                     "--set", "tracking.experiment=padim-e2e", *FAST,
                 ],
                 env=env, capture_output=True, text=True, check=False, timeout=420,
@@ -81,16 +85,18 @@ def test_ray_job_submit_fits_categories_into_an_mlflow_server(tmp_path: Path, mo
             print(f"ray job submit took {time.monotonic() - submitted:.0f} s")
             assert "succeeded" in log
             for name in categories:
-                assert f"[{name}/padim] started: 6 train + 7 test images" in log
-            assert "[2/2]" in log and "image AUROC" in log
+                for kind in ("padim", "patchcore"):
+                    assert f"[{name}/{kind}] started: 6 train + 7 test images" in log
+            assert "[4/4]" in log and "image AUROC" in log
 
             # What the driver left on the head's disk.
             summary = json.loads((output / "metrics.json").read_text())
             statuses = {name: {kind: entry["status"] for kind, entry in kinds.items()} for name, kinds in summary["categories"].items()}
-            assert statuses == {name: {"padim": "ok"} for name in categories}
+            assert statuses == {name: {"padim": "ok", "patchcore": "ok"} for name in categories}
             assert summary["tracking_uri"] == uri
-            assert sorted(path.name for path in (output / "models").iterdir()) == ["padim"]
-            assert sorted(path.name for path in (output / "models" / "padim").iterdir()) == [f"{name}.safetensors" for name in categories]
+            assert sorted(path.name for path in (output / "models").iterdir()) == ["padim", "patchcore"]
+            for kind in ("padim", "patchcore"):
+                assert sorted(path.name for path in (output / "models" / kind).iterdir()) == [f"{name}.safetensors" for name in categories]
             assert not (output / "mlflow.db").exists()  # the server holds the runs, not a local file
 
             # What the MLflow server holds, read back over HTTP. `models:/` URIs resolve through
@@ -100,25 +106,41 @@ def test_ray_job_submit_fits_categories_into_an_mlflow_server(tmp_path: Path, mo
             client = MlflowClient(uri)
             experiment = client.get_experiment_by_name("padim-e2e")
             assert experiment.artifact_location.startswith("mlflow-artifacts:")
+            assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
             parent, children = runs_by_name(client, experiment.experiment_id)
             assert parent.info.status == "FINISHED"
             assert parent.data.params["padim.image_size"] == "64"
-            assert parent.data.metrics["units"] == 2 and parent.data.metrics["units_failed"] == 0
-            assert parent.data.params["detectors"] == "padim" and parent.data.params["categories"] == ",".join(categories)
+            assert parent.data.metrics["units"] == 4 and parent.data.metrics["units_failed"] == 0
+            assert parent.data.params["detectors"] == "padim,patchcore" and parent.data.params["categories"] == ",".join(categories)
             parent_files = {item.path for item in client.list_artifacts(parent.info.run_id, "config")}
             assert parent_files == {"config/demo.yaml", "config/resolved.yaml"}
-            assert {item.path for item in client.list_artifacts(parent.info.run_id)} >= {"config", "metrics.json"}
-            assert sorted(children) == [f"{name}-padim" for name in categories]
+            assert {item.path for item in client.list_artifacts(parent.info.run_id)} >= {"config", "metrics.json", "comparison"}
+            assert sorted(children) == sorted(f"{name}-{kind}" for name in categories for kind in ("padim", "patchcore"))
+            # The same metric names for both detectors, so the UI's Compare lines them up.
+            assert {frozenset(run.data.metrics) for run in children.values()} == {frozenset(children["brick-padim"].data.metrics)}
+            assert children["brick-patchcore"].data.params["coreset_ratio"] == "0.1"
+            for name, kind in [(name, kind) for name in categories for kind in ("padim", "patchcore")]:
+                run = children[f"{name}-{kind}"]
+                assert run.info.status == "FINISHED", run.data.tags.get("error")
+                assert (run.data.tags["category"], run.data.tags["detector"]) == (name, kind)
+                assert METRICS <= set(run.data.metrics)
+                assert PARAMS - {"n_features"} <= set(run.data.params)
+                assert run.data.params["n_train"] == "6" and run.data.params["image_size"] == "64x64"
+                assert run.data.params["backbone"] == "efficientnet_lite0" and run.data.params["detector"] == kind
+                assert 0.0 <= run.data.metrics["image_auroc"] <= 1.0
+                assert run.data.metrics["image_auroc"] == pytest.approx(summary["categories"][name][kind]["image_auroc"])
+                version = client.get_model_version_by_alias(f"{kind}-{name}", "champion")
+                assert version.run_id == run.info.run_id
+            # The comparison: one row per (category, detector), numbers equal to the runs' metrics.
+            compared = pd.read_csv(output / "comparison" / "comparison.csv")
+            assert len(compared) == 4 and (output / "comparison" / "report.md").is_file()
+            for row in compared.itertuples():
+                metrics = children[f"{row.category}-{row.detector}"].data.metrics
+                assert row.image_auroc == pytest.approx(metrics["image_auroc"])
+                assert row.pixel_auroc == pytest.approx(metrics["pixel_auroc"])
+                assert row.model_size_mb == pytest.approx(metrics["model_size_mb"])
             for name in categories:
                 run = children[f"{name}-padim"]
-                assert run.info.status == "FINISHED", run.data.tags.get("error")
-                assert (run.data.tags["category"], run.data.tags["detector"]) == (name, "padim")
-                assert METRICS <= set(run.data.metrics)
-                assert PARAMS <= set(run.data.params)
-                assert run.data.params["n_train"] == "6" and run.data.params["image_size"] == "64x64"
-                assert run.data.params["backbone"] == "efficientnet_lite0" and run.data.params["detector"] == "padim"
-                assert 0.0 <= run.data.metrics["image_auroc"] <= 1.0
-                assert run.data.metrics["image_auroc"] == pytest.approx(summary["categories"][name]["padim"]["image_auroc"])
                 top = {item.path for item in client.list_artifacts(run.info.run_id)}
                 assert {"scores.parquet", "roc_curve.png", "score_histogram.png", "heatmaps"} <= top
                 heatmaps = client.list_artifacts(run.info.run_id, "heatmaps")
@@ -149,6 +171,43 @@ def test_ray_job_submit_fits_categories_into_an_mlflow_server(tmp_path: Path, mo
             assert list(scored.columns) == ["image_score", "is_anomalous", "error"]
             assert scored.image_score.tolist() == pytest.approx([defective.image_score] * 2, rel=1e-3)
             assert scored.is_anomalous.tolist() == [bool(defective.is_anomalous)] * 2
+
+            # Both kinds score from the one models folder and from the registry (the kind is read from
+            # each file), and padim-shift evaluates a PatchCore model: drivers joining the same head.
+            driver = {**env, "RAY_ADDRESS": f"127.0.0.1:{gcs_port}", "MLFLOW_TRACKING_URI": uri}
+            tables = {}
+            for kind, models in (("patchcore", str(output / "models")), ("padim", "registry")):
+                tables[kind] = tmp_path / f"scores-{kind}"
+                scoring = subprocess.run(
+                    [str(BIN / "padim-score"), "--input", str(data / "brick" / "test"), "--category", "brick",
+                     "--models", models, "--detector", kind, "--output", str(tables[kind]),
+                     "--set", "tracking.experiment=padim-e2e"],
+                    env=driver, capture_output=True, text=True, check=False, timeout=300,
+                )
+                assert scoring.returncode == 0, (scoring.stdout + scoring.stderr)[-4000:]
+            for kind, table_path in tables.items():
+                rows = pq.read_table(table_path).to_pandas()
+                assert len(rows) == 7 and set(rows.detector) == {kind} and rows.error.isna().all()
+                fitted = pq.read_table(mlflow.artifacts.download_artifacts(
+                    run_id=children[f"brick-{kind}"].info.run_id, artifact_path="scores.parquet",
+                    dst_path=str(tmp_path / f"dl-{kind}"), tracking_uri=uri)).to_pandas()
+                by_source = dict(zip(fitted.source, fitted.image_score))
+                assert rows.image_score.tolist() == pytest.approx([by_source[source] for source in rows.source], rel=1e-3)
+            shift = subprocess.run(
+                [str(BIN / "padim-shift"), "--config", "configs/demo.yaml", "--data-root", str(data), "--output", str(output),
+                 "--categories", "brick", "--detectors", "patchcore", "--set", "shift.shifts={blur: [4]}",
+                 "--set", "tracking.experiment=padim-e2e", *FAST],
+                cwd=REPO_ROOT, env=driver, capture_output=True, text=True, check=False, timeout=300,
+            )
+            assert shift.returncode == 0, (shift.stdout + shift.stderr)[-4000:]
+            figures = pd.read_csv(output / "shift" / "figures.csv")
+            unshifted = figures[(figures.detector == "patchcore") & (figures.severity == 0)].iloc[0]
+            assert unshifted.image_auroc == pytest.approx(summary["categories"]["brick"]["patchcore"]["image_auroc"])
+            compare = subprocess.run([str(BIN / "padim-compare"), "--output", str(output)], env=driver,
+                                     capture_output=True, text=True, check=False, timeout=120)
+            assert compare.returncode == 0, compare.stderr[-3000:]
+            report = (output / "comparison" / "report.md").read_text()
+            assert "| brick | patchcore |" in report and "not measured" in report  # padim's shifts were not run
     finally:
         shutil.rmtree(ray_temp, ignore_errors=True)
 
