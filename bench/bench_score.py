@@ -1,7 +1,7 @@
 """jobs.score against PadimModel.predict in one process, and jobs.score's memory as images grow.
 
     python -m bench.bench_score [--throughput-images 8000] [--actors 1,2] [--memory-images 2000,20000]
-                                [--image-size 128] [--source-side 0] [--work DIR] [--json FILE]
+                                [--limit-members 3] [--image-size 128] [--source-side 0] [--work DIR] [--json FILE]
 
 Uses the bottle images of MVTec AD (`PADIM_TEST_DATA`, default ../shared/data), repeated as
 often as needed and packed into tar archives of at most 2,000 members (`--source-side N`
@@ -18,6 +18,9 @@ The model is fitted once on 32 training images with the demo config's backbone a
    Reported both as summed RSS every 0.5 s (counts shared pages, such as Ray's object store
    and torch's libraries, once per process that maps them) and summed PSS every 5 s (shares
    them out, so it adds up to the real footprint).
+3. The decode memory ceiling: peak tree memory while scoring a zip of `--limit-members` members of
+   zeros just under `sources.MAX_IMAGE_BYTES` each (a few MB on disk: the zip bomb of the hostile
+   input review), against a zip of 200 ordinary bottle photos.
 """
 
 from __future__ import annotations
@@ -35,12 +38,14 @@ import tarfile
 import tempfile
 import threading
 import time
+import zipfile
 from pathlib import Path
 
 import psutil
 import torch
 from PIL import Image
 
+from jobs.score.sources import MAX_IMAGE_BYTES
 from padim_core.calibration import Calibration
 from padim_core.padim import PadimModel
 
@@ -190,12 +195,38 @@ def run_job(archives: list[Path], model_file: Path, actors: int, work: Path, tag
     }
 
 
+def write_zip(path: Path, members: dict[str, bytes]) -> Path:
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as bundle:
+        for name, data in members.items():
+            bundle.writestr(name, data)
+    return path
+
+
+def decode_ceiling(images: list[bytes], model_file: Path, members: int, work: Path) -> dict[str, float]:
+    """Peak tree memory for members just under the size limit against ordinary photos."""
+    zeros = bytes(MAX_IMAGE_BYTES - 2**20)
+    bomb = write_zip(work / "limit.zip", {f"bottle/{i}.png": zeros for i in range(members)})
+    photos = write_zip(work / "photos.zip", {f"bottle/{i}.png": images[i % len(images)] for i in range(200)})
+    figures = {"members": members, "member_bytes": len(zeros), "zip_bytes": bomb.stat().st_size}
+    for tag, archive in (("photos", photos), ("limit", bomb)):
+        result = run_job([archive], model_file, 1, work, tag)
+        figures.update({f"{tag}_peak_rss_mb": result["peak_rss_mb"], f"{tag}_peak_pss_mb": result["peak_pss_mb"]})
+        print(f"jobs.score on {archive.name}: peak tree RSS {result['peak_rss_mb']:.0f} MB, PSS {result['peak_pss_mb']:.0f} MB",
+              flush=True)
+    for kind in ("rss", "pss"):
+        figures[f"ratio_{kind}"] = figures[f"limit_peak_{kind}_mb"] / figures[f"photos_peak_{kind}_mb"]
+        print(f"members just under the limit vs ordinary photos, peak {kind.upper()}: {figures[f'ratio_{kind}']:.2f}x",
+              flush=True)
+    return figures
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="an MVTec AD category folder")
     parser.add_argument("--throughput-images", type=int, default=8000, help="images for the throughput part (0: skip)")
     parser.add_argument("--actors", default="1,2", help="actor pool sizes to time")
     parser.add_argument("--memory-images", default="2000,20000", help="image counts for the memory part ('': skip)")
+    parser.add_argument("--limit-members", type=int, default=3, help="members just under the size limit (0: skip)")
     parser.add_argument("--image-size", type=int, default=128, help="the model's input side")
     parser.add_argument("--source-side", type=int, default=0, help="shrink the bottle images to this side first (0: 900 px originals)")
     parser.add_argument("--work", type=Path, help="scratch folder (default: a temporary one, removed at the end)")
@@ -223,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"{steady:.2f}x (whole command {result['wall_seconds']:.1f} s)", flush=True)
                 figures[f"actors_{actors}"] = {**result, "ratio_to_single_process": ratio, "steady_ratio_to_single_process": steady}
             shutil.rmtree(work / "throughput")
+        if args.limit_members > 0:
+            figures["decode_ceiling"] = decode_ceiling(images, model_file, args.limit_members, work)
         counts = [int(n) for n in args.memory_images.split(",") if n]
         for count in counts:
             archives = write_archives(work / f"memory-{count}", images, count)

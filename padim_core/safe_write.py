@@ -8,6 +8,8 @@ what they created when anything fails, and both honour the umask: the temporary 
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import shutil
 import tempfile
@@ -52,9 +54,8 @@ class StagedFolder:
     """A folder that appears at `target` complete or not at all.
 
     Use as a context manager: fill `.path` inside the block; on a clean exit it replaces
-    `target` (an existing folder is renamed aside first, then deleted, so between the two
-    renames `target` is briefly absent); on an exception the staging folder is removed and
-    `target` is left as it was.
+    `target` (`replace_folder`); on an exception the staging folder is removed and `target` is
+    left as it was.
     """
 
     def __init__(self, target: str | Path) -> None:
@@ -77,7 +78,16 @@ class StagedFolder:
 
 
 def replace_folder(source: Path, target: Path) -> None:
-    """Rename `source` to `target`, moving an existing `target` aside and deleting it after."""
+    """Put folder `source` in `target`'s place, deleting what was there.
+
+    Where the kernel can swap two paths atomically (Linux's renameat2 with RENAME_EXCHANGE), a
+    reader of `target` sees the old folder or the new one, never neither. Elsewhere the old
+    folder is renamed aside and the new one renamed in: between the two renames `target` is
+    briefly absent.
+    """
+    if target.exists() and exchange_paths(source, target):
+        shutil.rmtree(source, ignore_errors=True)  # now the old folder
+        return
     retired = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:12]}")
     had_target = target.exists()
     if had_target:
@@ -89,3 +99,22 @@ def replace_folder(source: Path, target: Path) -> None:
             os.replace(retired, target)
         raise
     shutil.rmtree(retired, ignore_errors=True)
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def exchange_paths(first: Path, second: Path) -> bool:
+    """Swap two existing paths in one atomic step; False where the system cannot (then nothing moved)."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    result = renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE)
+    if result == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, f"cannot swap {first} and {second}: {os.strerror(code)}")

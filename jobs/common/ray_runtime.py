@@ -7,12 +7,14 @@ nothing running.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
 
 import ray
+import ray._private.ray_constants as ray_constants
 
 from padim_core.errors import ConfigError, PadimError
 
@@ -35,14 +37,55 @@ def connect(num_cpus: int | None = None) -> str:
     `address="local"` rather than Ray's default: with no address Ray would otherwise join
     whatever cluster was last started on this machine (`/tmp/ray/ray_current_cluster`),
     which is someone else's on a shared host. `num_cpus` only applies to the embedded Ray.
+
+    The embedded Ray listens on loopback only. Ray binds every server (GCS, raylet, workers,
+    agents, the /metrics endpoints) to 127.0.0.1 exactly when its node address is 127.0.0.1,
+    which on Linux it takes only with its single-machine switch (`RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`
+    off; read when Ray is imported, so its constant is set here); an address other than
+    loopback afterwards is an error rather than a job that listens on the network.
     """
     address = os.environ.get("RAY_ADDRESS")
     if address:
         check_reachable(address)
         ray.init(address=address)
         return f"Ray cluster at {address}"
+    reap_orphaned_agents()
+    ray_constants.ENABLE_RAY_CLUSTER = False
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
-    return f"embedded local Ray ({int(ray.cluster_resources().get('CPU', 0))} CPUs)"
+    node_address = ray.util.get_node_ip_address()
+    if node_address != LOOPBACK:
+        ray.shutdown()
+        raise ClusterError(f"the embedded Ray took the address {node_address}, not {LOOPBACK}; refusing to run "
+                           "with servers on the network")
+    return f"embedded local Ray ({int(ray.cluster_resources().get('CPU', 0))} CPUs, on {LOOPBACK})"
+
+
+LOOPBACK = "127.0.0.1"
+_AGENTS = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
+
+
+def reap_orphaned_agents() -> list[int]:
+    """Kill this user's Ray agents whose raylet is gone; returns their process ids.
+
+    When a driver is killed (SIGKILL), its embedded Ray's daemons die with it, but its two agents
+    wait about a minute on the dead GCS before exiting, holding their ports. An agent whose parent
+    is no longer a raylet is such a leftover (the test the agents apply to themselves, without the
+    wait); a live Ray's agents are left alone.
+    """
+    import psutil
+
+    killed = []
+    for process in psutil.process_iter(["cmdline", "uids"]):
+        with contextlib.suppress(psutil.Error):
+            command = process.info["cmdline"] or []
+            if not command or command[0] not in _AGENTS or process.info["uids"].real != os.getuid():
+                continue
+            parent = process.parent()
+            if parent is not None and (parent.cmdline()[:1] or [""])[0].endswith("/raylet"):
+                continue
+            process.kill()
+            killed.append(process.pid)
+    return killed
 
 
 def check_reachable(address: str, timeout: float = 5.0) -> None:

@@ -26,6 +26,7 @@ import ray
 from mlflow import MlflowClient
 
 from jobs.common import ray_runtime, tracking
+from jobs.common.categories import category_problem
 from jobs.common.config import JobConfig
 from padim_core.datasets import discover_categories
 from padim_core.errors import ConfigError, DatasetError
@@ -91,12 +92,16 @@ def select_categories(setting: str | Sequence[str], root: Path) -> list[str]:
     """'all': every category folder under `root`; a list is taken as given, so a listed
     category with a missing train folder fails alone rather than stopping the job."""
     if setting == "all":
-        return discover_categories(root)
+        names = discover_categories(root)
+        for name in names:
+            if category_problem(name):
+                raise DatasetError(f"category folder {root / name}: {category_problem(name)}; rename it")
+        return names
     if not root.is_dir():
         raise DatasetError(f"dataset root {root} does not exist or is not a folder")
     for name in setting:
-        if name in (".", "..") or "/" in name or "\\" in name:
-            raise ConfigError(f"data.categories: {name!r} is not a category folder name")
+        if category_problem(name):
+            raise ConfigError(f"data.categories: {category_problem(name)}")
     return list(setting)
 
 

@@ -15,9 +15,11 @@ Exit 0: the table was written (rows with errors included); 1: scoring failed; 2:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -29,9 +31,11 @@ import ray
 from mlflow import MlflowClient
 
 from jobs.common import cli, ray_runtime, tracking
-from jobs.common.catalog import ModelEntry, resolve_models
+from jobs.common.catalog import ModelEntry, ModelError, resolve_models
+from jobs.common.categories import category_problem
 from jobs.common.config import JobConfig, load_job_config
 from jobs.score import table as score_table
+from jobs.score.output import MODES, OutputFolder
 from jobs.score.pipeline import (
     ModelHandle,
     PoolPlan,
@@ -43,7 +47,7 @@ from jobs.score.reading import CategoryRouter
 from jobs.score.sources import Discovery, discover
 from jobs.score.summary import ScoreSummary, Tally, format_summary, progress_line
 from padim_core.command_line import command_parser
-from padim_core.errors import PadimError
+from padim_core.errors import ConfigError, PadimError
 from padim_core.image_files import IMAGE_SUFFIXES
 from padim_core.viz import score_histogram_figure
 
@@ -83,6 +87,7 @@ class ScoreJob:
     tracking_uri: str
     experiment_id: str
     scratch: Path  # registry downloads and copies of remote model files; removed by `run`
+    output_folder: OutputFolder  # locked and staged until `run` ends
     plan: PoolPlan | None = None  # sized by `size_pool` once Ray is connected
 
 
@@ -97,21 +102,42 @@ def prepare(request: ScoreRequest) -> ScoreJob:
     config = request.config
     output = request.output.expanduser().resolve()
     schema = score_table.file_schema(config.scoring.map_columns, config.scoring.heatmaps_above_threshold)
-    score_table.check_output(output, request.mode, schema)
+    folder = OutputFolder(output, request.mode, score_table.new_job_id()).check(schema)
+    for name in [request.category, *(category for _, category in request.routes)]:
+        if name is not None and category_problem(name):
+            raise ConfigError(f"--category/--route: {category_problem(name)}")
     discovery = discover(request.inputs, request.image_column)
     uri = tracking.resolve_tracking_uri(config.tracking.tracking_uri, output.parent)
     tracking.check_reachable(uri)
-    experiment_id = tracking.prepare_experiment(MlflowClient(uri), config.tracking.experiment, uri, output.parent)
+    client = MlflowClient(uri)
+    experiment_id = tracking.prepare_experiment(client, config.tracking.experiment, uri, output.parent)
     scratch = Path(tempfile.mkdtemp(prefix="padim-score-"))
     try:
         catalog = resolve_models(
             model=request.model, category=request.category, models=request.models,
             detector=request.detector or config.detector, alias=config.tracking.alias, tracking_uri=uri, scratch=scratch,
         )
+        for name, entry in catalog.items():
+            if category_problem(name):
+                raise ModelError(f"model {entry.uri}: its category {category_problem(name)}")
+        folder.claim(schema)  # last: a job refused for anything else holds nothing
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise
-    return ScoreJob(request, output, schema, discovery, catalog, uri, experiment_id, scratch)
+    _close_stale_runs(client, uri, folder.stale)
+    return ScoreJob(request, output, schema, discovery, catalog, uri, experiment_id, scratch, folder)
+
+
+def _close_stale_runs(client: MlflowClient, uri: str, stale: list[dict]) -> None:
+    """Mark KILLED the runs of dead jobs whose staging folders were cleaned, when they are in this store."""
+    for info in stale:
+        print(f"padim-score: removed {info['folder']}, left by a job that died"
+              + (f" (pid {info['pid']} on {info['host']})" if "pid" in info else ""), flush=True)
+        if info.get("run_id") and info.get("tracking_uri") == uri:
+            with contextlib.suppress(Exception):  # best effort: the run may be gone or closed
+                if client.get_run(info["run_id"]).info.status == "RUNNING":
+                    client.set_tag(info["run_id"], tracking.ERROR_TAG, "killed: its job died; cleaned by a later job")
+                    tracking.end_run(client, info["run_id"], "KILLED")
 
 
 def size_pool(job: ScoreJob) -> ScoreJob:
@@ -128,9 +154,9 @@ def run(job: ScoreJob) -> ScoreSummary:
     The table appears at the output only when every row has been written. On any failure or
     interruption the staging folder is removed and the MLflow run is marked FAILED or KILLED.
     """
-    request, catalog, discovery = job.request, job.catalog, job.discovery
+    request, catalog, discovery, folder = job.request, job.catalog, job.discovery, job.output_folder
     client = MlflowClient(job.tracking_uri)
-    staging = run_id = None
+    run_id = None
     try:
         router = CategoryRouter(tuple(catalog), request.category, request.routes)
         pool = job.plan or size_pool(job).plan
@@ -138,8 +164,7 @@ def run(job: ScoreJob) -> ScoreSummary:
         print("padim-score: models: " + ", ".join(f"{name} <- {entry.uri}" for name, entry in catalog.items()), flush=True)
         print(f"padim-score: {pool.describe()}", flush=True)
         run_id = _start_run(client, job.experiment_id, request, job.output, catalog, pool)
-        job_id = score_table.new_job_id()
-        staging = score_table.staging_folder(job.output, job_id)
+        folder.record(run_id=run_id, tracking_uri=job.tracking_uri)
 
         handles = {
             name: ModelHandle(entry.uri, entry.detector, entry.threshold, ray.put(entry.file.read_bytes()))
@@ -151,7 +176,7 @@ def run(job: ScoreJob) -> ScoreSummary:
         dataset = build_dataset(discovery.units, discovery.inputs, router, transforms, handles, pool, options)
 
         tally = Tally(skipped=discovery.skipped, skipped_examples=list(discovery.skipped_examples))
-        writer = score_table.ScoreTableWriter(staging, job.schema, job_id)
+        writer = score_table.ScoreTableWriter(folder.staging, job.schema, folder.job_id, run_id)
         started = last_report = time.perf_counter()
         first_rows: tuple[float, int] | None = None
         for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -168,17 +193,8 @@ def run(job: ScoreJob) -> ScoreSummary:
                 f"no images in {', '.join(request.inputs)} ({tally.skipped} non-image files skipped; "
                 f"images are files named {', '.join(IMAGE_SUFFIXES)})"
             )
-        score_table.publish(staging, job.output, request.mode)
-        staging = None
-        summary = ScoreSummary(
-            job.output, tally, {name: entry.uri for name, entry in catalog.items()},
-            {name: entry.threshold for name, entry in catalog.items()}, seconds, first_rows, len(files),
-            writer.heatmaps, run_id, job.tracking_uri, job.experiment_id, dataset.stats(),
-        )
-        _finish_run(client, run_id, summary)
-        return summary
+        folder.publish()
     except BaseException as error:
-        score_table.discard(staging)
         if run_id is not None:
             if isinstance(error, (KeyboardInterrupt, SystemExit)):
                 client.set_tag(run_id, tracking.ERROR_TAG, "interrupted")
@@ -187,7 +203,22 @@ def run(job: ScoreJob) -> ScoreSummary:
                 tracking.fail_run(client, run_id, f"{type(error).__name__}: {error}")
         raise
     finally:
+        folder.release()
         shutil.rmtree(job.scratch, ignore_errors=True)
+    # The table is published: from here on nothing may fail the job. Logging is best effort.
+    summary = ScoreSummary(
+        job.output, tally, {name: entry.uri for name, entry in catalog.items()},
+        {name: entry.threshold for name, entry in catalog.items()}, seconds, first_rows, len(files),
+        writer.heatmaps, run_id, job.tracking_uri, job.experiment_id, dataset.stats(),
+    )
+    try:
+        _finish_run(client, run_id, summary)
+    except Exception as error:  # noqa: BLE001 - the table is complete whatever MLflow says
+        print(f"padim-score: warning: the table is complete, but logging the run to MLflow failed: "
+              f"{type(error).__name__}: {error}", file=sys.stderr, flush=True)
+        with contextlib.suppress(Exception):
+            tracking.end_run(client, run_id)
+    return summary
 
 
 def score(request: ScoreRequest) -> ScoreSummary:
@@ -223,6 +254,14 @@ def _start_run(
     return tracking.start_parent_run(client, experiment_id, "score", params, {"output": str(output)})
 
 
+def table_run_ids(output: Path) -> list[str]:
+    """The MLflow runs whose rows the published table holds (several after `--mode append`)."""
+    import pyarrow.dataset as ds
+
+    column = ds.dataset(output, format="parquet", partitioning="hive").to_table(columns=["run_id"]).column("run_id")
+    return sorted(set(column.unique().to_pylist()))
+
+
 def _finish_run(client: MlflowClient, run_id: str, summary: ScoreSummary) -> None:
     tally = summary.tally
     metrics: dict[str, float | None] = {
@@ -236,6 +275,9 @@ def _finish_run(client: MlflowClient, run_id: str, summary: ScoreSummary) -> Non
             metrics[_metric_key(row["category"], name)] = row[name]
     tracking.log_values(client, run_id, metrics=metrics)
     client.log_text(run_id, json.dumps(summary.to_dict(), indent=2), "summary.json")
+    run_ids = table_run_ids(summary.output)
+    client.log_text(run_id, "\n".join(run_ids) + "\n", "table_run_ids.txt")
+    client.set_tag(run_id, "table_jobs", str(len(run_ids)))
     client.log_text(run_id, summary.ray_stats, "ray_data_stats.txt")
     with tempfile.TemporaryDirectory(prefix="padim-score-histograms-") as folder:
         for name, category in tally.categories.items():
@@ -275,7 +317,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="images whose source matches the shell pattern go to CATEGORY (repeatable; first match wins)")
     parser.add_argument("--image-column", help="the column of image bytes in Parquet inputs (default: detected)")
     cli.add_config_flags(parser, config_required=False)
-    parser.add_argument("--mode", choices=score_table.MODES, default="error",
+    parser.add_argument("--mode", choices=MODES, default="error",
                         help="when the output exists: error, overwrite it, or append to it")
     return parser.parse_args(argv)
 

@@ -56,7 +56,9 @@ from fusing decoding into the scoring actors, which it does for a task stage fol
 actor stage with identical resource requests."""
 
 BLOCK_BYTES = 16 * 1024**2
-"""Target size of a block: about 30 encoded 900 x 900 photos (see `build_dataset`)."""
+"""Target size of a block: about 30 encoded 900 x 900 photos (see `build_dataset`). Decoding takes
+one block at a time, so what a decode task holds is bounded by bytes, whatever the images' count:
+a block, or one image up to `sources.MAX_IMAGE_BYTES` when a single image is larger."""
 
 IN_FLIGHT_BYTES_PER_CPU = 64 * 1024**2
 MIN_IN_FLIGHT_BYTES = 512 * 1024**2
@@ -240,7 +242,7 @@ def build_dataset(
                 compute=TaskPoolStrategy(size=plan.readers), num_cpus=READ_CPUS,
             )
             .map_batches(
-                decode_batch, batch_size=plan.batch_size, batch_format="pyarrow",
+                decode_batch, batch_size=None, batch_format="pyarrow",
                 fn_kwargs={"transforms": dict(transforms)}, compute=TaskPoolStrategy(size=plan.decoders),
                 num_cpus=DECODE_CPUS, memory=DECODE_MEMORY,
             )

@@ -10,6 +10,7 @@ import fnmatch
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
+from jobs.common.categories import category_problem
 from jobs.score.sources import Input, read_unit
 from jobs.score.table import UNKNOWN_CATEGORY
 
@@ -41,6 +42,9 @@ class CategoryRouter:
                 f"cannot tell the category of {source}: it is not inside a category folder; "
                 "pass --category NAME or --route PATTERN=NAME"
             )
+        problem = category_problem(category)
+        if problem is not None:
+            return UNKNOWN_CATEGORY, f"cannot score {source}: its category {problem}"
         if category not in self.known:
             return category, f"no model for category {category!r} (models: {', '.join(self.known)})"
         return category, None

@@ -14,7 +14,10 @@ Work is split in two so that the driver never holds the images:
 
 Files and members whose names lack an image suffix are skipped: not records, but counted
 (`Discovery.skipped` for folders, a `skipped` record for archive members) so the job can say
-how many it left out.
+how many it left out. Every file or member whose name says image becomes exactly one record:
+one that cannot be read (a broken symbolic link, a FIFO or device, a link inside an archive)
+is an error record saying why. Local folders are walked following symbolic links, each folder
+once by its identity (device and inode), so a link loop cannot multiply images.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ import bz2
 import fnmatch
 import gzip
 import lzma
+import os
 import posixpath
+import stat
 import tarfile
 import zipfile
 import zlib
@@ -42,10 +47,11 @@ TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz
 ZIP_SUFFIXES = (".zip",)
 PARQUET_SUFFIXES = (".parquet", ".pq")
 
-MAX_IMAGE_BYTES = 512 * 1024**2
-"""Encoded images above this size are refused unread (a row with an error): nothing the model
-accepts is this large (`padim_core.images.MAX_PIXELS`), and a block of bytes must stay below
-Arrow's 2 GiB limit per array."""
+MAX_IMAGE_BYTES = 128 * 1024**2
+"""Encoded images above this size are refused unread, from the size a file, a tar header or a
+zip directory declares (a row with an error). It bounds what one decode task holds (see
+`jobs.score.pipeline`); a 100-megapixel photo (`padim_core.images.MAX_PIXELS`) is far smaller
+as JPEG, though a PNG of one may not be."""
 
 SEPARATOR = "::"
 """Joins a container and the name inside it in the `source` column: `archive.tar::bottle/000.png`."""
@@ -181,21 +187,82 @@ def _file_info(source: Input) -> pafs.FileInfo:
         raise SourceError(f"input {source.text}: cannot be read ({error})") from None
 
 
-def _list(filesystem: pafs.FileSystem, base: str, recursive: bool) -> list[pafs.FileInfo]:
+@dataclass(frozen=True)
+class Found:
+    """A file found in a folder; `problem` says why it cannot be read (None: a regular file)."""
+
+    path: str
+    problem: str | None = None
+
+    @property
+    def base_name(self) -> str:
+        return posixpath.basename(self.path)
+
+
+def _list(filesystem: pafs.FileSystem, base: str, recursive: bool) -> list[Found]:
+    if isinstance(filesystem, pafs.LocalFileSystem):
+        return _walk_local(base, recursive)
     try:
         items = filesystem.get_file_info(pafs.FileSelector(base, recursive=recursive))
     except OSError as error:
         raise SourceError(f"folder {base}: cannot be listed ({error})") from None
-    return sorted((item for item in items if item.type == pafs.FileType.File), key=lambda item: item.path)
+    return sorted((Found(item.path) for item in items if item.type == pafs.FileType.File), key=lambda item: item.path)
 
 
-def _add_path(discovery: Discovery, index: int, info: pafs.FileInfo, root: str, explicit: bool) -> None:
+_SPECIAL_FILES = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
+                  (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def _walk_local(base: str, recursive: bool) -> list[Found]:
+    """Every non-folder entry under `base`, following symbolic links to folders but entering each
+    folder once (by device and inode): a loop such as `up -> ..` adds nothing."""
+    found: list[Found] = []
+    seen: set[tuple[int, int]] = set()
+    pending = [base]
+    while pending:
+        folder = pending.pop()
+        try:
+            identity = os.stat(folder)
+            if (identity.st_dev, identity.st_ino) in seen:
+                continue
+            seen.add((identity.st_dev, identity.st_ino))
+            with os.scandir(folder) as entries:
+                listed = sorted(entries, key=lambda entry: entry.name)
+        except OSError as error:
+            raise SourceError(f"folder {folder}: cannot be listed ({error.strerror or error})") from None
+        for entry in listed:
+            try:
+                if entry.is_dir():
+                    if recursive:
+                        pending.append(entry.path)
+                    continue
+                if entry.is_file():
+                    found.append(Found(entry.path))
+                    continue
+                found.append(Found(entry.path, _why_unreadable(entry)))
+            except OSError as error:
+                found.append(Found(entry.path, f"cannot be examined ({error.strerror or error})"))
+    return sorted(found, key=lambda item: item.path)
+
+
+def _why_unreadable(entry: os.DirEntry) -> str:
+    if entry.is_symlink() and not os.path.exists(entry.path):
+        return f"a broken symbolic link (to {os.readlink(entry.path)})"
+    mode = os.stat(entry.path).st_mode
+    return next((name for test, name in _SPECIAL_FILES if test(mode)), "not a regular file")
+
+
+def _add_path(discovery: Discovery, index: int, info: Found | pafs.FileInfo, root: str, explicit: bool) -> None:
     kind = kind_of(info.base_name)
     if kind is None or (kind != "image" and not explicit):
         discovery._skip(discovery.inputs[index].display(info.path))
         return
     relative = posixpath.relpath(info.path, root) if root else info.path
-    discovery.units.append({"input": index, "kind": kind, "path": info.path, "relative": relative, "row_group": 0})
+    unit = {"input": index, "kind": kind, "path": info.path, "relative": relative, "row_group": 0}
+    problem = getattr(info, "problem", None)
+    if problem is not None:
+        unit.update(kind="image", problem=problem)  # never opened: reading a FIFO would block
+    discovery.units.append(unit)
 
 
 def _glob_root(pattern: str) -> str:
@@ -299,7 +366,10 @@ def read_unit(unit: dict[str, Any], inputs: Sequence[Input]) -> Iterator[ImageRe
     """The images of one unit, in order. Never raises for bad content: that is an error record."""
     source = inputs[unit["input"]]
     kind = unit["kind"]
-    if kind == "image":
+    if unit.get("problem"):
+        name = source.display(unit["path"])
+        yield ImageRecord(name, unit["relative"], error=f"cannot read {name}: {unit['problem']}")
+    elif kind == "image":
         yield _read_file(source, unit["path"], unit["relative"])
     elif kind == "tar":
         yield from _read_tar(source, unit["path"])
@@ -388,13 +458,15 @@ def _read_tar(source: Input, path: str) -> Iterator[ImageRecord]:
             stream = _EndOfArchiveCheck(_decompressed(raw, path))
             with tarfile.open(fileobj=stream, mode="r|") as tar:
                 for member in tar:
-                    if not member.isfile():
+                    if member.isdir():
                         continue
                     name = member_name(member.name)
                     record = f"{archive}{SEPARATOR}{name}"
                     read += 1
                     if not is_image_name(name):
                         yield ImageRecord(record, name, skipped=True)
+                    elif not member.isfile():
+                        yield ImageRecord(record, name, error=f"cannot read {record}: {_tar_member_kind(member)}, not image data")
                     elif member.size > MAX_IMAGE_BYTES:
                         yield ImageRecord(record, name, error=f"cannot read {record}: {_too_large(member.size)}")
                     else:
@@ -405,6 +477,14 @@ def _read_tar(source: Input, path: str) -> Iterator[ImageRecord]:
         # What came before was yielded; the rest of a damaged archive is unknowable, so the
         # archive itself becomes an error row rather than a crashed job or missing rows.
         yield ImageRecord(archive, error=f"archive {archive} is unreadable after {read} members: {_reason(error)}")
+
+
+def _tar_member_kind(member: tarfile.TarInfo) -> str:
+    if member.issym():
+        return f"a symbolic link (to {member.linkname}) in the archive"
+    if member.islnk():
+        return f"a hard link (to {member.linkname}) in the archive"
+    return "a device, FIFO or other special member"
 
 
 def _read_zip(source: Input, path: str) -> Iterator[ImageRecord]:
@@ -428,6 +508,12 @@ def _read_zip(source: Input, path: str) -> Iterator[ImageRecord]:
             record = f"{archive}{SEPARATOR}{name}"
             if not is_image_name(name):
                 yield ImageRecord(record, name, skipped=True)
+                continue
+            if stat.S_ISLNK(info.external_attr >> 16):
+                yield ImageRecord(record, name, error=f"cannot read {record}: a symbolic link in the archive, not image data")
+                continue
+            if info.file_size > MAX_IMAGE_BYTES:  # refused from the directory, before inflating anything
+                yield ImageRecord(record, name, error=f"cannot read {record}: {_too_large(info.file_size)}")
                 continue
             try:
                 # The header's size can lie (a zip bomb): read at most one byte past the limit.

@@ -1,4 +1,4 @@
-"""The score table: its columns, and writing it so that only a finished job leaves one.
+"""The score table: its columns, and writing its files into a job's staging folder.
 
 Layout of an output folder (hive partitioning, readable as one table by pyarrow, pandas,
 DuckDB, Spark and Ray Data):
@@ -8,17 +8,15 @@ DuckDB, Spark and Ray Data):
     OUTPUT/_heatmaps/<name>/<image>-<hash>.png       overlays, when configured
 
 Readers skip names starting with `_` or `.`, so the heatmaps never get in the way of the
-table. Everything is first written to a hidden staging folder next to the output and moved
-into place by `publish` once the job is complete: a crashed or killed job leaves at most a
-`.OUTPUT.staging-*` folder, never a table that looks finished.
+table. Files are written to the job's staging folder and published with it as a whole
+(`jobs.score.output`). Every row carries the MLflow run of the job that wrote it (`run_id`), so
+the rows of several appended jobs can be told apart from the table alone.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import shutil
 import urllib.parse
 import uuid
 from pathlib import Path, PurePosixPath
@@ -28,9 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from padim_core.errors import PadimError
-from padim_core.safe_write import replace_folder
 
-MODES = ("error", "overwrite", "append")
 UNKNOWN_CATEGORY = "__unknown__"
 """The category of rows that cannot be routed to one. Not null: pyarrow cannot turn a table with
 a null partition into a pandas DataFrame ("Cannot yet unify dictionaries with nulls")."""
@@ -53,6 +49,7 @@ MAP_FIELDS = [
 ]
 HEATMAP_FIELD = pa.field("heatmap", pa.string())  # overlay PNG path relative to OUTPUT; null below threshold
 ERROR_FIELD = pa.field("error", pa.string())  # null when scored
+RUN_ID_FIELD = pa.field("run_id", pa.string(), nullable=False)  # the MLflow run of the job that wrote the row
 
 # Columns that travel with each row from the scoring actors to the writer, but not into the files.
 CATEGORY_FIELD = pa.field("category", pa.string(), nullable=False)
@@ -64,15 +61,19 @@ class OutputError(PadimError):
     """The output folder cannot be written in the chosen mode; says why and what would work."""
 
 
+def _scored_fields(map_columns: bool, heatmaps: bool) -> list[pa.Field]:
+    return [*SCORE_FIELDS, *(MAP_FIELDS if map_columns else []), *([HEATMAP_FIELD] if heatmaps else []), ERROR_FIELD]
+
+
 def file_schema(map_columns: bool, heatmaps: bool) -> pa.Schema:
     """The columns of every Parquet file; `category` is the partition folder."""
-    fields = [*SCORE_FIELDS, *(MAP_FIELDS if map_columns else []), *([HEATMAP_FIELD] if heatmaps else []), ERROR_FIELD]
-    return pa.schema(fields)
+    return pa.schema([*_scored_fields(map_columns, heatmaps), RUN_ID_FIELD])
 
 
 def row_schema(map_columns: bool, heatmaps: bool) -> pa.Schema:
-    """What the scoring actors emit: the file columns plus category, overlay bytes and the skip flag."""
-    return pa.schema([CATEGORY_FIELD, *file_schema(map_columns, heatmaps), HEATMAP_PNG_FIELD, SKIPPED_FIELD])
+    """What the scoring actors emit: the scored columns plus category, overlay bytes and the skip flag
+    (the writer adds `run_id`)."""
+    return pa.schema([CATEGORY_FIELD, *_scored_fields(map_columns, heatmaps), HEATMAP_PNG_FIELD, SKIPPED_FIELD])
 
 
 def partition_folder(category: str) -> str:
@@ -90,11 +91,13 @@ class ScoreTableWriter:
     """
 
     def __init__(
-        self, folder: Path, schema: pa.Schema, job_id: str, rows_per_group: int = 8192, rows_per_file: int = 1_000_000
+        self, folder: Path, schema: pa.Schema, job_id: str, run_id: str, rows_per_group: int = 8192,
+        rows_per_file: int = 1_000_000,
     ) -> None:
         self.folder = Path(folder)
         self.schema = schema
         self.job_id = job_id
+        self.run_id = run_id
         self.rows_per_group = rows_per_group
         self.rows_per_file = rows_per_file
         self._buffers: dict[str, list[pa.Table]] = {}
@@ -110,6 +113,7 @@ class ScoreTableWriter:
             part = rows.filter(pc.equal(rows["category"], category))
             if "heatmap" in self.schema.names:
                 part = self._write_heatmaps(category, part)
+            part = part.append_column(RUN_ID_FIELD, pa.array([self.run_id] * part.num_rows, pa.string()))
             part = part.select(self.schema.names).cast(self.schema)
             self._buffers.setdefault(category, []).append(part)
             self._buffered[category] = self._buffered.get(category, 0) + part.num_rows
@@ -176,66 +180,5 @@ def heatmap_name(source: str) -> str:
     return f"{safe}-{digest}.png"
 
 
-# ------------------------------------------------------------------------- publishing
-def check_output(output: Path, mode: str, schema: pa.Schema) -> None:
-    """Refuse, before any work, an output that this mode cannot write."""
-    if mode not in MODES:
-        raise OutputError(f"--mode {mode!r} is not allowed; allowed: {list(MODES)}")
-    if output.exists() and not output.is_dir():
-        raise OutputError(f"output {output} is a file, not a folder")
-    if mode == "error" and output.exists():
-        raise OutputError(
-            f"output {output} already exists; choose another folder, or pass --mode overwrite to replace it "
-            "or --mode append to add to it"
-        )
-    if mode == "append" and output.exists():
-        existing = next(output.glob("category=*/*.parquet"), None)
-        if existing is not None:
-            found = pq.read_schema(existing)
-            if not found.equals(schema):
-                raise OutputError(
-                    f"cannot append to {output}: its files have columns {found.names}, this job writes "
-                    f"{schema.names} (scoring.map_columns and scoring.heatmaps_above_threshold must match the "
-                    "earlier job's); use --mode overwrite or another output folder"
-                )
-
-
 def new_job_id() -> str:
     return uuid.uuid4().hex[:12]
-
-
-def staging_folder(output: Path, job_id: str) -> Path:
-    """A hidden folder beside the output, on the same filesystem so that publishing is a rename."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    folder = output.with_name(f".{output.name}.staging-{job_id}")
-    folder.mkdir()
-    return folder
-
-
-def publish(staging: Path, output: Path, mode: str) -> None:
-    """Move a complete table from `staging` into place at `output`.
-
-    - error: a rename; refused if `output` appeared while the job ran.
-    - overwrite: `safe_write.replace_folder` (the old table renamed aside, the new one renamed in,
-      the old one deleted).
-    - append: each new file is renamed into the existing folder (the names are unique per job).
-    """
-    if mode == "error" and output.exists():
-        raise OutputError(f"output {output} appeared while the job ran; the scores are left in {staging}")
-    if mode != "append" or not output.exists():
-        replace_folder(staging, output)
-        return
-    for path in sorted(staging.rglob("*")):
-        if path.is_file():
-            target = output / path.relative_to(staging)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if target.exists():
-                raise OutputError(f"cannot append {path.name}: {target} already exists")
-            os.rename(path, target)
-    shutil.rmtree(staging)
-
-
-def discard(staging: Path | None) -> None:
-    """Remove a staging folder after a failed or interrupted job."""
-    if staging is not None and staging.exists():
-        shutil.rmtree(staging, ignore_errors=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -58,3 +59,8 @@ def broken_images() -> dict[str, bytes]:
         "text.png": b"this is not an image",
         "huge.png": png_header_only(12_000, 12_000),
     }
+
+
+def bottle_photos(bottle: Path) -> list[Path]:
+    """Four normal and two defective test photos of MVTec AD's bottle."""
+    return sorted((bottle / "test" / "good").glob("*.png"))[:4] + sorted((bottle / "test" / "broken_large").glob("*.png"))[:2]

@@ -137,3 +137,24 @@ def local_env() -> dict[str, str]:
     """This environment without RAY_ADDRESS and MLFLOW_TRACKING_URI: a job started with it runs
     on an embedded local Ray and tracks to SQLite in its output folder, as on a laptop."""
     return {key: value for key, value in os.environ.items() if key not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+
+
+def wait_for_line(process: subprocess.Popen, text: str, timeout: float) -> list[str]:
+    """Read the process's (text) stdout until a line contains `text`; the lines read so far.
+
+    A job that exits first or takes longer than `timeout` fails the test with what it printed."""
+    import selectors
+
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    selector = selectors.DefaultSelector()
+    selector.register(process.stdout, selectors.EVENT_READ)
+    while time.monotonic() < deadline:
+        if selector.select(timeout=1):
+            line = process.stdout.readline()
+            if not line and process.poll() is not None:
+                break
+            lines.append(line)
+            if text in line:
+                return lines
+    pytest.fail(f"never printed {text!r} (exit {process.poll()}):\n{''.join(lines)[-3000:]}")

@@ -32,8 +32,8 @@ def test_select_categories(tmp_path: Path) -> None:
     assert select_categories("all", tmp_path) == ["a", "b"]
     # A listed category that is missing is kept: it fails alone, with the reason, in its own run.
     assert select_categories(("b", "missing"), tmp_path) == ["b", "missing"]
-    for bad in ("../etc", "a/b", ".", ".."):
-        with pytest.raises(ConfigError, match="not a category folder name"):
+    for bad in ("../etc", "a/b", ".", "..", "my images", "-x", "x" * 101):
+        with pytest.raises(ConfigError, match="is not a usable category name"):
             select_categories((bad,), tmp_path)
     with pytest.raises(DatasetError, match="does not exist"):
         select_categories(("a",), tmp_path / "nowhere")

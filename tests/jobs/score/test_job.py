@@ -22,60 +22,26 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import ray
-import torch
 from mlflow import MlflowClient
 
 from jobs.common import tracking
 from jobs.common.config import load_job_config
 from jobs.common.pyfunc import log_pyfunc_model
 from jobs.score.job import ScoreRequest, prepare, run, score
-from padim_core.calibration import Calibration
 from padim_core.padim import PadimModel
 
-from support.images import broken_images, odd_images
+from support.images import bottle_photos, broken_images, odd_images
 from support.paths import BIN, REPO_ROOT
-from support.servers import kill_processes
+from support.servers import kill_processes, wait_for_line
 
 pytestmark = pytest.mark.slow
 
 SIZE = 64
 
 
-@pytest.fixture(scope="module")
-def bottle(mvtec_root: Path) -> Path:
-    return mvtec_root / "bottle"
-
-
-@pytest.fixture(scope="module")
-def model_file(bottle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny model fitted on 8 bottle photos; the threshold splits the test photos about in half."""
-    model = PadimModel("efficientnet_lite0", ["blocks.1", "blocks.2"], n_features=20, image_size=SIZE)
-    train = sorted((bottle / "train" / "good").glob("*.png"))[:8]
-    model.fit([torch.stack([model.transform.to_pixels(path) for path in train])])
-    scores, maps = model.predict(torch.stack([model.transform.to_pixels(path) for path in photos(bottle)]))
-    model.calibrate(Calibration("median of test photos", float(scores.median()), tuple(sorted(scores.tolist()))),
-                    map_min=float(maps.min()), map_max=float(maps.max()))
-    return model.save(tmp_path_factory.mktemp("model") / "bottle.safetensors")
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=2, include_dashboard=False)
-    yield
-    if started:
-        ray.shutdown()
-
-
-def photos(bottle: Path) -> list[Path]:
-    return sorted((bottle / "test" / "good").glob("*.png"))[:4] + sorted((bottle / "test" / "broken_large").glob("*.png"))[:2]
-
-
 def members(bottle: Path) -> dict[str, bytes]:
     """Everything put in each input: name under the category folder -> bytes."""
-    items = {f"{path.parent.name}_{path.name}": path.read_bytes() for path in photos(bottle)}
+    items = {f"{path.parent.name}_{path.name}": path.read_bytes() for path in bottle_photos(bottle)}
     items.update({f"odd/{name}": data for name, data in odd_images().items()})
     items.update({f"broken/{name}": data for name, data in broken_images().items()})
     items["notes.txt"] = b"not an image"
@@ -188,14 +154,14 @@ def test_models_from_the_registry_by_alias_and_appending_to_a_table(
     assert log_pyfunc_model(uri, run_id, model_file, "padim-bottle", "champion") == "1"
     folder = tmp_path / "in" / "bottle"
     folder.mkdir(parents=True)
-    for path in photos(bottle)[:2]:
+    for path in bottle_photos(bottle)[:2]:
         (folder / path.name).write_bytes(path.read_bytes())
     output = tmp_path / "scores"
 
     first = score(ScoreRequest(inputs=(str(folder.parent),), output=output, models="registry", config=settings))
     table = pq.read_table(output).to_pandas()
     assert first.models == {"bottle": "models:/padim-bottle/1"} and (table["model_uri"] == "models:/padim-bottle/1").all()
-    expected = expected_scores(model_file, {path.name: path.read_bytes() for path in photos(bottle)[:2]})
+    expected = expected_scores(model_file, {path.name: path.read_bytes() for path in bottle_photos(bottle)[:2]})
     for source, value in zip(table["source"], table["image_score"]):
         assert value == pytest.approx(expected[Path(source).name], rel=1e-4)
 
@@ -203,7 +169,7 @@ def test_models_from_the_registry_by_alias_and_appending_to_a_table(
                          config=settings, mode="append")
     score(again)
     assert len(pq.read_table(output)) == 4
-    assert sorted(os.listdir(tmp_path)) == sorted(["in", "scores", "mlflow.db", "mlartifacts"])  # no staging leftovers
+    assert sorted(os.listdir(tmp_path)) == sorted([".scores.lock", "in", "scores", "mlflow.db", "mlartifacts"])  # no staging leftovers
 
 
 def test_a_job_that_fails_after_its_checks_leaves_no_table(bottle: Path, model_file: Path, ray_session: None, tmp_path: Path) -> None:
@@ -211,7 +177,7 @@ def test_a_job_that_fails_after_its_checks_leaves_no_table(bottle: Path, model_f
     copy.write_bytes(model_file.read_bytes())
     folder = tmp_path / "in" / "bottle"
     folder.mkdir(parents=True)
-    (folder / "a.png").write_bytes(photos(bottle)[0].read_bytes())
+    (folder / "a.png").write_bytes(bottle_photos(bottle)[0].read_bytes())
     job = prepare(ScoreRequest(inputs=(str(folder.parent),), output=tmp_path / "scores", model=str(copy),
                                category="bottle", config=config(tmp_path)))
     copy.write_bytes(copy.read_bytes()[:5000])  # broken after the checks: the actors cannot load it
@@ -228,7 +194,7 @@ def test_cli_killed_mid_run_leaves_no_table(
     bottle: Path, model_file: Path, tmp_path: Path
 ) -> None:
     archive = tmp_path / "many.tar"
-    photo = photos(bottle)[0].read_bytes()
+    photo = bottle_photos(bottle)[0].read_bytes()
     with tarfile.open(archive, "w") as tar:
         for index in range(400):
             info = tarfile.TarInfo(f"bottle/{index:04d}.png")
@@ -244,12 +210,8 @@ def test_cli_killed_mid_run_leaves_no_table(
     process = subprocess.Popen(command, cwd=REPO_ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     started: list[psutil.Process] = []
     try:
-        deadline = time.monotonic() + 240
-        while not [name for name in os.listdir(tmp_path) if "staging" in name]:
-            assert process.poll() is None, process.stdout.read()
-            assert time.monotonic() < deadline, "the job never started scoring"
-            time.sleep(0.2)
-        time.sleep(2)
+        wait_for_line(process, "padim-score: models:", timeout=240)  # the run exists; scoring starts
+        time.sleep(3)
         started = psutil.Process(process.pid).children(recursive=True)
         process.send_signal(signal.SIGTERM)
         log, _ = process.communicate(timeout=120)

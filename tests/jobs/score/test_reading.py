@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from jobs.score.reading import CategoryRouter, read_rows
 from jobs.score.sources import discover
 from jobs.score.table import UNKNOWN_CATEGORY
@@ -36,3 +38,13 @@ def test_rows_carry_their_category_and_lose_their_bytes_when_no_model_takes_them
                                          "error": None, "skipped": False}
     screw = by_source["screw/b.png"]
     assert screw["category"] == "screw" and screw["data"] is None and "no model for category 'screw'" in screw["error"]
+
+
+@pytest.mark.parametrize("name", ["..", "my images", ".hidden", "a/b", "ü" * 3, "x" * 101])
+def test_category_names_from_data_that_break_the_rule_are_error_rows(name: str) -> None:
+    router = CategoryRouter(("bottle",))
+    category, error = router.route(f"in/{name}/a.png", f"{name}/a.png", hint=None)
+    if "/" in name:  # the first folder level is "a"
+        assert category == "a" and "no model" in error
+        return
+    assert category == UNKNOWN_CATEGORY and "is not a usable category name" in error and "letters, digits" in error

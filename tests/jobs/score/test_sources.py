@@ -121,6 +121,58 @@ def test_oversized_files_and_members_are_refused_unread(tmp_path: Path, monkeypa
         assert record.data is None and "more than the 100 bytes" in record.error
 
 
+def test_a_zip_member_declared_too_large_is_refused_before_inflating(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    archive = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as bundle:
+        bundle.writestr("bottle/zeros.png", bytes(10_000))
+    monkeypatch.setattr(sources, "MAX_IMAGE_BYTES", 1000)
+    opened = []
+    monkeypatch.setattr(zipfile.ZipFile, "open", lambda *args, **kwargs: opened.append(args) or pytest.fail("inflated"))
+    (record,) = records(discover([str(archive)]))
+    assert "10000 bytes, more than the 1000 bytes" in record.error and not opened
+
+
+def test_a_folder_link_loop_is_walked_once_and_broken_links_and_pipes_are_error_rows(tmp_path: Path) -> None:
+    import os
+
+    bottle = tmp_path / "in" / "bottle"
+    write(bottle / "a.png")
+    write(bottle / "notes.txt", b"x")
+    (bottle / "loop").mkdir()
+    (bottle / "loop" / "up").symlink_to("..")  # would repeat everything 40 levels deep
+    (bottle / "elsewhere").symlink_to(bottle)  # the same folder under another name: once
+    (bottle / "gone.png").symlink_to(bottle / "missing.png")
+    os.mkfifo(bottle / "pipe.png")  # opening it would block the reader forever
+    discovery = discover([str(tmp_path / "in")])
+    assert discovery.skipped == 1
+    found = {record.source: record for record in records(discovery)}
+    assert sorted(found) == sorted(str(bottle / name) for name in ("a.png", "gone.png", "pipe.png"))
+    assert found[str(bottle / "a.png")].data == PNG
+    assert "a broken symbolic link" in found[str(bottle / "gone.png")].error
+    assert "a named pipe (FIFO)" in found[str(bottle / "pipe.png")].error
+
+
+def test_link_members_of_archives_are_error_rows(tmp_path: Path) -> None:
+    import stat
+
+    archive = tmp_path / "links.tar"
+    with tarfile.open(archive, "w") as tar:
+        for kind, name in ((tarfile.SYMTYPE, "bottle/sym.png"), (tarfile.LNKTYPE, "bottle/hard.png")):
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = kind, "bottle/a.png"
+            tar.addfile(info)
+    bundle_path = tmp_path / "links.zip"
+    with zipfile.ZipFile(bundle_path, "w") as bundle:
+        link = zipfile.ZipInfo("bottle/zsym.png")
+        link.external_attr = (stat.S_IFLNK | 0o777) << 16
+        bundle.writestr(link, "a.png")
+    errors = [record.error for record in records(discover([str(archive), str(bundle_path)]))]
+    assert len(errors) == 3
+    assert "a symbolic link (to bottle/a.png) in the archive, not image data" in errors[0]
+    assert "a hard link (to bottle/a.png) in the archive, not image data" in errors[1]
+    assert "a symbolic link in the archive, not image data" in errors[2]
+
+
 def test_member_names_lose_dot_and_slash_prefixes() -> None:
     assert member_name("./bottle/a.png") == "bottle/a.png"
     assert member_name("/bottle//a.png") == "bottle/a.png"

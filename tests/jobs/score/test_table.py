@@ -1,18 +1,14 @@
-"""jobs.score.table: the score table's columns, partitioned writing, and moving a finished table
-into place in each --mode (and refusing what a mode cannot do)."""
+"""jobs.score.table: the score table's columns and partitioned writing (every row carries its job's run id)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 
 from jobs.score import table as score_table
-from jobs.score.table import OutputError, ScoreTableWriter, check_output, file_schema, publish, row_schema
-from padim_core.errors import PadimError
+from jobs.score.table import ScoreTableWriter, file_schema, row_schema
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\0" * 8
 
@@ -36,23 +32,24 @@ def rows(categories: list[str], map_columns: bool = False, heatmaps: bool = Fals
 
 
 def test_files_hold_the_contract_columns_and_category_is_the_partition(tmp_path: Path) -> None:
-    writer = ScoreTableWriter(tmp_path, file_schema(False, False), "job1")
+    writer = ScoreTableWriter(tmp_path, file_schema(False, False), "job1", "run1")
     writer.write(rows(["bottle", "cable", "bottle", score_table.UNKNOWN_CATEGORY]))
     files = writer.close()
     assert sorted(path.relative_to(tmp_path).parent.name for path in files) == [
         "category=__unknown__", "category=bottle", "category=cable",
     ]
     assert pq.read_schema(files[0]).names == [
-        "source", "detector", "image_score", "is_anomalous", "threshold", "model_uri", "height", "width", "error",
+        "source", "detector", "image_score", "is_anomalous", "threshold", "model_uri", "height", "width", "error", "run_id",
     ]
     table = pq.read_table(tmp_path).to_pandas()
     assert len(table) == 4 and (table["category"] == "__unknown__").sum() == 1 and set(table["detector"]) == {"padim"}
+    assert set(table["run_id"]) == {"run1"}
     assert table.sort_values("image_score")["category"].tolist()[:3] == ["bottle", "cable", "bottle"]
     assert pq.read_schema(files[0]).field("image_score").type == pa.float32()
 
 
 def test_rows_are_grouped_into_row_groups_and_files_roll_over(tmp_path: Path) -> None:
-    writer = ScoreTableWriter(tmp_path, file_schema(False, False), "job1", rows_per_group=4, rows_per_file=8)
+    writer = ScoreTableWriter(tmp_path, file_schema(False, False), "job1", "run1", rows_per_group=4, rows_per_file=8)
     for _ in range(5):
         writer.write(rows(["bottle"] * 3))
     files = writer.close()
@@ -63,7 +60,7 @@ def test_rows_are_grouped_into_row_groups_and_files_roll_over(tmp_path: Path) ->
 
 
 def test_map_columns_and_heatmaps_beside_the_table(tmp_path: Path) -> None:
-    writer = ScoreTableWriter(tmp_path, file_schema(True, True), "job1")
+    writer = ScoreTableWriter(tmp_path, file_schema(True, True), "job1", "run1")
     writer.write(rows(["bottle", "bottle", "my cable"], map_columns=True, heatmaps=True, png=PNG))
     writer.close()
     table = pq.read_table(tmp_path).to_pandas().sort_values("image_score")
@@ -78,57 +75,3 @@ def test_heatmap_names_do_not_collide_for_equal_file_names() -> None:
     first, second = score_table.heatmap_name("/a/000.png"), score_table.heatmap_name("/b/000.png")
     assert first != second and first.startswith("000-") and first.endswith(".png")
     assert score_table.heatmap_name("x.tar::bottle/a b?.png").startswith("a_b_-")
-
-
-def write_table(folder: Path, job: str, categories: list[str]) -> Path:
-    writer = ScoreTableWriter(folder, file_schema(False, False), job)
-    writer.write(rows(categories))
-    writer.close()
-    return folder
-
-
-def test_error_mode_refuses_an_existing_output_and_files_in_its_place(tmp_path: Path) -> None:
-    output = write_table(tmp_path / "scores", "old", ["bottle"])
-    with pytest.raises(OutputError, match="--mode overwrite"):
-        check_output(output, "error", file_schema(False, False))
-    (tmp_path / "file").write_text("x")
-    with pytest.raises(OutputError, match="is a file"):
-        check_output(tmp_path / "file", "overwrite", file_schema(False, False))
-    with pytest.raises(OutputError, match=r"--mode 'merge' is not allowed; allowed: \['error', 'overwrite', 'append'\]"):
-        check_output(tmp_path / "new", "merge", file_schema(False, False))
-    check_output(tmp_path / "new", "error", file_schema(False, False))
-    assert issubclass(OutputError, PadimError)
-
-
-def test_publish_moves_the_staging_folder_into_place(tmp_path: Path) -> None:
-    output = tmp_path / "deep" / "scores"
-    staging = score_table.staging_folder(output, "job1")
-    assert staging.parent == output.parent and staging.name.startswith(".scores.staging-")
-    write_table(staging, "job1", ["bottle"])
-    publish(staging, output, "error")
-    assert not staging.exists() and pq.read_table(output).num_rows == 1
-
-
-def test_overwrite_replaces_and_append_adds(tmp_path: Path) -> None:
-    output = write_table(tmp_path / "scores", "old", ["bottle", "bottle"])
-    staging = write_table(score_table.staging_folder(output, "new"), "new", ["cable"])
-    publish(staging, output, "append")
-    assert sorted(pq.read_table(output).to_pandas()["category"]) == ["bottle", "bottle", "cable"]
-    staging = write_table(score_table.staging_folder(output, "newer"), "newer", ["grid"])
-    publish(staging, output, "overwrite")
-    assert pq.read_table(output).to_pandas()["category"].tolist() == ["grid"]
-    assert os.listdir(tmp_path) == ["scores"]  # neither the staging folder nor the replaced table is left
-
-
-def test_append_refuses_files_of_another_shape(tmp_path: Path) -> None:
-    output = write_table(tmp_path / "scores", "old", ["bottle"])
-    check_output(output, "append", file_schema(False, False))
-    with pytest.raises(OutputError, match="map_columns"):
-        check_output(output, "append", file_schema(True, False))
-
-
-def test_discard_removes_the_staging_folder(tmp_path: Path) -> None:
-    staging = write_table(score_table.staging_folder(tmp_path / "scores", "job1"), "job1", ["bottle"])
-    score_table.discard(staging)
-    score_table.discard(None)
-    assert os.listdir(tmp_path) == []

@@ -1,0 +1,44 @@
+"""Fixtures of the jobs.score tests: a small PaDiM model of bottle and an embedded Ray session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+
+from padim_core.calibration import Calibration
+from padim_core.padim import PadimModel
+
+from support.images import bottle_photos
+
+SIZE = 64
+
+
+@pytest.fixture(scope="package")
+def bottle(mvtec_root: Path) -> Path:
+    return mvtec_root / "bottle"
+
+
+@pytest.fixture(scope="package")
+def model_file(bottle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny model fitted on 8 bottle photos; the threshold splits the test photos about in half."""
+    model = PadimModel("efficientnet_lite0", ["blocks.1", "blocks.2"], n_features=20, image_size=SIZE)
+    train = sorted((bottle / "train" / "good").glob("*.png"))[:8]
+    model.fit([torch.stack([model.transform.to_pixels(path) for path in train])])
+    scores, maps = model.predict(torch.stack([model.transform.to_pixels(path) for path in bottle_photos(bottle)]))
+    model.calibrate(Calibration("median of test photos", float(scores.median()), tuple(sorted(scores.tolist()))),
+                    map_min=float(maps.min()), map_max=float(maps.max()))
+    return model.save(tmp_path_factory.mktemp("model") / "bottle.safetensors")
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """Ray for one test module (the CLI tests check that a refused job never starts one)."""
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=2, include_dashboard=False)
+    yield
+    if started:
+        ray.shutdown()
