@@ -3,6 +3,7 @@ driver, two jobs on one output, and the network ports an embedded Ray opens."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -15,6 +16,7 @@ import pandas as pd
 import psutil
 import pyarrow.parquet as pq
 import pytest
+import torch
 from mlflow import MlflowClient
 
 from jobs.common.config import load_job_config
@@ -148,3 +150,43 @@ def test_an_embedded_ray_listens_on_loopback_only(tmp_path: Path) -> None:
     assert len(listeners) >= 5  # the GCS, the raylet, the agents, workers: all found
     exposed = [entry for entry in listeners if entry[0] not in ("127.0.0.1", "::ffff:127.0.0.1", "::1")]
     assert exposed == [], exposed
+
+
+def bad_model_files(data: bytes) -> dict[str, tuple[bytes, str]]:
+    """Model files that a careless or hostile hand made, and what jobs.score must say of each."""
+    from support.models import model_metadata, rewrite_model_file
+
+    calibration = model_metadata(data)["calibration"] or {"method": "m", "false_alarm_rate": None, "count": 0, "scores": []}
+    buffer = io.BytesIO()
+    torch.save({"weights": torch.zeros(3)}, buffer)
+    return {
+        "threshold": (rewrite_model_file(data, calibration={**calibration, "threshold": "abc"}), "calibration.threshold"),
+        "blur": (rewrite_model_file(data, blur_sigma=float("nan")), "blur_sigma"),
+        "huge": (rewrite_model_file(data, image_size=[100000, 100000]), "integers from 1 to 2048"),
+        "grid": (rewrite_model_file(data, image_size=[1024, 1024]), "grid_shape"),
+        "pickle": (buffer.getvalue(), "not a safetensors file"),
+    }
+
+
+@pytest.fixture(scope="module")
+def tracking_store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One SQLite store for the cases below: creating its tables is most of what each would cost."""
+    return f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
+
+
+@pytest.mark.parametrize("case", ["threshold", "blur", "huge", "grid", "pickle"])
+def test_a_model_file_that_would_break_scoring_is_refused_before_any_image_is_read(
+    case: str, tiny_padim_file: bytes, tracking_store: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from jobs.score.job import main
+
+    data, message = bad_model_files(tiny_padim_file)[case]
+    model = tmp_path / "bottle.safetensors"
+    model.write_bytes(data)
+    (tmp_path / "in" / "bottle").mkdir(parents=True)
+    (tmp_path / "in" / "bottle" / "a.png").write_bytes(b"x")
+    code = main(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--model", str(model),
+                 "--category", "bottle", "--set", f"tracking.tracking_uri={tracking_store}"])
+    error = capsys.readouterr().err
+    assert code == 2 and message in error and str(model) in error and "(nothing was started)" in error
+    assert not (tmp_path / "out").exists() and not [path for path in tmp_path.iterdir() if ".staging-" in path.name]
