@@ -4,9 +4,12 @@ Inputs are folders (recursive), globs, image files, tar/zip archives (members st
 extracted) and Parquet files with an image-bytes column, local or on any filesystem pyarrow
 understands. Ray Data reads and decodes them in parallel tasks and scores them in a pool of
 actors (`jobs.score.pipeline`); the driver streams the rows into a staging folder and moves the
-finished table into place (`jobs.score.table`): one row per image with its score, decision,
-threshold and model, or the reason it could not be read. It prints a summary and logs a scoring
-run to MLflow (by default to mlflow.db in the folder that holds the output).
+finished table into place (`jobs.score.table`): one row per image with its score, conformal
+p-value, decision, threshold and model, or the reason it could not be read. A drift alarm
+(`jobs.score.drift`) then tests, per category, whether the images still look like the model's
+calibration images: the verdicts go to `<output>.drift.json` beside the table. It prints a
+summary and logs a scoring run to MLflow (by default to mlflow.db in the folder that holds the
+output).
 
 Exit 0: the table was written (rows with errors included); 1: scoring failed; 2: nothing started
 (bad arguments, inputs, models, output folder or tracking server).
@@ -32,6 +35,7 @@ from jobs.common import cli, ray_runtime, tracking
 from jobs.common.catalog import ModelEntry, resolve_models
 from jobs.common.config import JobConfig, load_job_config
 from jobs.score import table as score_table
+from jobs.score.drift import DriftCounter, drift_file, drift_metrics, write_drift_file
 from jobs.score.pipeline import (
     ModelHandle,
     PoolPlan,
@@ -151,11 +155,14 @@ def run(job: ScoreJob) -> ScoreSummary:
         dataset = build_dataset(discovery.units, discovery.inputs, router, transforms, handles, pool, options)
 
         tally = Tally(skipped=discovery.skipped, skipped_examples=list(discovery.skipped_examples))
+        drift = DriftCounter({name: entry.calibration for name, entry in catalog.items()})
         writer = score_table.ScoreTableWriter(staging, job.schema, job_id)
         started = last_report = time.perf_counter()
         first_rows: tuple[float, int] | None = None
         for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-            writer.write(tally.add(batch))
+            rows = tally.add(batch)
+            drift.add(rows)
+            writer.write(rows)
             if first_rows is None and tally.images:
                 first_rows = (time.perf_counter() - started, tally.images)
             if time.perf_counter() - last_report >= PROGRESS_SECONDS:
@@ -170,10 +177,13 @@ def run(job: ScoreJob) -> ScoreSummary:
             )
         score_table.publish(staging, job.output, request.mode)
         staging = None
+        inputs = [source.text for source in discovery.inputs]
+        verdicts = drift.results(inputs, request.config.drift, {name: part.scored for name, part in tally.categories.items()})
+        write_drift_file(job.output, verdicts, job_id, request.config.drift)
         summary = ScoreSummary(
             job.output, tally, {name: entry.uri for name, entry in catalog.items()},
             {name: entry.threshold for name, entry in catalog.items()}, seconds, first_rows, len(files),
-            writer.heatmaps, run_id, job.tracking_uri, job.experiment_id, dataset.stats(),
+            writer.heatmaps, run_id, job.tracking_uri, job.experiment_id, dataset.stats(), verdicts,
         )
         _finish_run(client, run_id, summary)
         return summary
@@ -201,8 +211,8 @@ def _largest_node_cpus() -> float:
 
 # ------------------------------------------------------------------------------- MLflow
 def _metric_key(category: str, name: str) -> str:
-    """`<category>/<name>`, so the UI groups a category's figures; characters MLflow refuses become `_`."""
-    return re.sub(r"[^\w.\- ]", "_", category) + "/" + name
+    """`<category>/<name>`, so the UI groups a category's figures."""
+    return tracking.metric_segment(category) + "/" + name
 
 
 def _file_label(category: str) -> str:
@@ -234,8 +244,10 @@ def _finish_run(client: MlflowClient, run_id: str, summary: ScoreSummary) -> Non
     for row in summary.categories():
         for name in ("scored", "errors", "anomaly_rate"):
             metrics[_metric_key(row["category"], name)] = row[name]
-    tracking.log_values(client, run_id, metrics=metrics)
+    drift_values, drift_tags = drift_metrics(summary.drift)
+    tracking.log_values(client, run_id, metrics={**metrics, **drift_values}, tags=drift_tags)
     client.log_text(run_id, json.dumps(summary.to_dict(), indent=2), "summary.json")
+    client.log_artifact(run_id, str(drift_file(summary.output)))
     client.log_text(run_id, summary.ray_stats, "ray_data_stats.txt")
     with tempfile.TemporaryDirectory(prefix="padim-score-histograms-") as folder:
         for name, category in tally.categories.items():

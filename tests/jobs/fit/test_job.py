@@ -56,7 +56,7 @@ def test_a_failing_unit_returns_the_reason_and_saves_nothing(tmp_path: Path) -> 
     config = load_job_config(DEMO_CONFIG, ["padim.image_size=64"])
     parent = tracking.start_parent_run(client, experiment, "fit", {}, {})
     run_id = tracking.start_child_run(client, experiment, parent, "missing", "padim", tracking.detector_params(config, "padim"))
-    request = fit.FitRequest(Unit("missing", "padim"), str(tmp_path / "missing"), config, str(tmp_path / "models"),
+    request = fit.FitRequest(Unit("missing", "padim"), str(tmp_path / "missing"), None, config, str(tmp_path / "models"),
                              uri, run_id, "cpu", 1)
     done = fit.fit_unit(request)
     assert done.status == FAILED and (done.category, done.detector) == ("missing", "padim")
@@ -68,29 +68,34 @@ def test_a_failing_unit_returns_the_reason_and_saves_nothing(tmp_path: Path) -> 
 
 def test_summary_table_fits_a_screen_and_lists_failures() -> None:
     results = [
-        result("bottle", n_train=209, n_test=83, image_auroc=0.99841, pixel_auroc=0.9812, aupro=0.9123,
-               threshold=12.3456, fit_seconds=41.25, fit_images_per_second=5.07),
-        result("cable", n_train=224, n_test=150, image_auroc=None, fit_seconds=3.0, fit_images_per_second=74.7),
+        result("bottle", n_train=167, n_test=83, image_auroc=0.99841, pixel_auroc=0.9812, aupro=0.9123,
+               threshold=12.3456, false_alarm_rate=1 / 43, realised_false_alarm_rate=0.05, recall=0.98413,
+               fit_seconds=41.25, fit_images_per_second=5.07),
+        result("cable", n_train=179, n_test=150, image_auroc=None, false_alarm_rate=0.01, fit_seconds=3.0,
+               fit_images_per_second=74.7),
         result("broken_category", FAILED, "ValueError: a covariance needs at least 2 training images, got 1", n_train=1),
     ]
     table = fit.format_table(results)
     lines = table.splitlines()
-    assert lines[0].split() == ["category", "detector", "status", "train", "test", "img", "AUROC", "px", "AUROC", "AUPRO",
-                                "threshold", "fit", "s", "img/s"]
+    assert lines[0].split() == ["category", "detector", "status", "fit", "test", "img", "AUROC", "px", "AUROC", "AUPRO",
+                                "threshold", "alpha", "FA", "rate", "recall", "img/s"]
     assert set(lines[1].replace(" ", "")) == {"-"}
-    assert lines[2].split() == ["bottle", "padim", "ok", "209", "83", "0.998", "0.981", "0.912", "12.35", "41.2", "5.1"]
-    assert lines[3].split() == ["cable", "padim", "ok", "224", "150", "-", "-", "-", "-", "3.0", "74.7"]
+    assert lines[2].split() == ["bottle", "padim", "ok", "167", "83", "0.998", "0.981", "0.912", "12.35", "0.0233", "0.050",
+                                "0.984", "5.1"]
+    assert lines[3].split() == ["cable", "padim", "ok", "179", "150", "-", "-", "-", "-", "0.01", "-", "-", "74.7"]
     assert lines[4].split()[:4] == ["broken_category", "padim", "failed", "1"]
     assert lines[-1] == "broken_category/padim failed: ValueError: a covariance needs at least 2 training images, got 1"
     # columns line up: every row's numbers end where their header ends
     assert len({len(line) for line in lines[:4]}) == 1
-    assert max(len(line) for line in lines[:5]) <= 100
+    assert max(len(line) for line in lines[:5]) <= 120
 
 
 def test_progress_lines_say_what_finished() -> None:
     job = fit.FitJob(load_job_config(DEMO_CONFIG), DEMO_CONFIG)
-    done = result("bottle", seconds=50.04, n_train=209, n_test=83, image_auroc=0.9984)
-    assert job.progress_line(done) == "done in 50.0 s: 209 train + 83 test images, image AUROC 0.998"
+    done = result("bottle", seconds=50.04, n_train=167, n_calibration=42, n_test=83, image_auroc=0.9984,
+                  realised_false_alarm_rate=0.05, false_alarm_rate=1 / 43)
+    assert job.progress_line(done) == ("done in 50.0 s: 167 fit + 42 calibration + 83 test images, image AUROC 0.998, "
+                                       "false alarms on normal test images 0.050 (calibrated for 0.0233)")
     failed = result("cable", FAILED, "DatasetError: no training images in /d/cable/train/good", seconds=0.4)
     assert job.progress_line(failed) == "FAILED after 0.4 s: DatasetError: no training images in /d/cable/train/good"
     assert job.progress_line(result("grid", FAILED, "RayTaskError: worker died")) == "FAILED after -: RayTaskError: worker died"
