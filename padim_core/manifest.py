@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -169,12 +170,12 @@ def _test_entries(category: MvtecCategory) -> tuple[Entry, ...]:
 
 
 def split_by_fraction(category: MvtecCategory, fraction: float, seed: int) -> SplitManifest:
-    """Hold out round(fraction * n) of `train/good` (at least one), chosen by a generator seeded
-    with `seed`, for calibration; the rest fit. The same files and seed give the same split."""
+    """Hold out fraction * n of `train/good` (rounded half up, at least one), chosen by a generator
+    seeded with `seed`, for calibration; the rest fit. The same files and seed give the same split."""
     if not 0 < fraction < 1:
         raise DatasetError(f"calibration.fraction must be in (0, 1), got {fraction!r}")
     images = sorted(category.train_images)
-    held = max(1, round(fraction * len(images)))
+    held = max(1, math.floor(fraction * len(images) + 0.5))
     if held >= len(images):
         raise DatasetError(
             f"calibration.fraction {fraction:g} of the {len(images)} images in {category.root / 'train' / NORMAL_DEFECT} "

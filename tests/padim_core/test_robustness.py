@@ -42,6 +42,8 @@ def test_severity_zero_is_the_unshifted_evaluation_exactly(evaluated) -> None:
         assert row.level is None
         assert row.image_auroc == evaluation.metrics["image_auroc"]
         assert row.pixel_auroc == evaluation.metrics["pixel_auroc"]
+        assert row.false_positive_rate == evaluation.metrics["realised_false_alarm_rate"]
+        assert 1 - row.false_negative_rate == evaluation.metrics["recall"]
     assert [(row.shift, row.severity, row.level) for row in results[2:]] == [("blur", 1, 8.0), ("noise", 1, 0.05)]
 
 

@@ -1,5 +1,6 @@
-"""jobs.fit end to end: on a real Ray head through `ray job submit`, against a real `mlflow server`,
-and with the embedded local Ray when one category is broken.
+"""jobs.fit end to end: on a real Ray head through `ray job submit`, against a real `mlflow server`
+(then jobs.score the same way, with the registered models: p-values and the drift alarm), and with
+the embedded local Ray when one category is broken.
 
 Servers bind to 127.0.0.1 only and are stopped at the end of each test, by process id
 (`support.servers`).
@@ -38,14 +39,18 @@ from support.tracking import runs_by_name, version_files
 pytestmark = pytest.mark.slow
 
 FAST = ["--set", "padim.image_size=64", "--set", "fit.heatmap_examples=2", "--set", "data.batch_size=8"]
-METRICS = {"image_auroc", "pixel_auroc", "aupro", "threshold", "fit_seconds", "images_per_second"}
-PARAMS = {"detector", "backbone", "layers", "n_features", "image_size", "seed", "n_train"}
+METRICS = {"image_auroc", "pixel_auroc", "aupro", "threshold", "fit_seconds", "images_per_second", "false_alarm_rate",
+           "realised_false_alarm_rate", "recall", "oracle_f1_threshold"}
+PARAMS = {"detector", "backbone", "layers", "n_features", "image_size", "seed", "n_train", "n_calibration", "split"}
 
 
 # -------------------------------------------------------------------------------- tests
 def test_ray_job_submit_fits_categories_into_an_mlflow_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import mlflow
     from mlflow import MlflowClient
+
+    from padim_core.manifest import read_manifest
+    from padim_core.padim import PadimModel
 
     data = build_demo_dataset(tmp_path / "data", train=6, test_good=3, test_defect=1, size=64)
     output = tmp_path / "out"
@@ -81,7 +86,8 @@ def test_ray_job_submit_fits_categories_into_an_mlflow_server(tmp_path: Path, mo
             print(f"ray job submit took {time.monotonic() - submitted:.0f} s")
             assert "succeeded" in log
             for name in categories:
-                assert f"[{name}/padim] started: 6 train + 7 test images" in log
+                assert f"[{name}/padim] started: 5 fit + 1 calibration + 7 test images" in log
+                assert f"padim-fit: {name}: 1 calibration images support a false-alarm rate of at least 1/2 = 0.5" in log
             assert "[2/2]" in log and "image AUROC" in log
 
             # What the driver left on the head's disk.
@@ -92,6 +98,14 @@ def test_ray_job_submit_fits_categories_into_an_mlflow_server(tmp_path: Path, mo
             assert sorted(path.name for path in (output / "models").iterdir()) == ["padim"]
             assert sorted(path.name for path in (output / "models" / "padim").iterdir()) == [f"{name}.safetensors" for name in categories]
             assert not (output / "mlflow.db").exists()  # the server holds the runs, not a local file
+            # the splits, beside the models: 1 of the 6 normal training images held out, never fitted on
+            for name in categories:
+                split = read_manifest(output / "manifests" / f"{name}.json", data / name).verify()
+                assert split.counts() == {"fit": 5, "calibration": 1, "test": 7}
+                model = PadimModel.load(output / "models" / "padim" / f"{name}.safetensors")
+                assert model.calibration_.is_conformal and model.calibration_.false_alarm_rate == 0.5
+                assert model.n_train_ == 5 and model.threshold_ == model.calibration_.scores[0]
+                assert summary["categories"][name]["padim"]["threshold"] == pytest.approx(model.threshold_)
 
             # What the MLflow server holds, read back over HTTP. `models:/` URIs resolve through
             # the default registry, which follows MLFLOW_TRACKING_URI (else ./mlflow.db).
@@ -115,7 +129,9 @@ def test_ray_job_submit_fits_categories_into_an_mlflow_server(tmp_path: Path, mo
                 assert (run.data.tags["category"], run.data.tags["detector"]) == (name, "padim")
                 assert METRICS <= set(run.data.metrics)
                 assert PARAMS <= set(run.data.params)
-                assert run.data.params["n_train"] == "6" and run.data.params["image_size"] == "64x64"
+                assert run.data.params["n_train"] == "5" and run.data.params["image_size"] == "64x64"
+                assert run.data.params["n_calibration"] == "1" and run.data.metrics["false_alarm_rate"] == 0.5
+                assert {item.path for item in client.list_artifacts(run.info.run_id, "manifest")} == {f"manifest/{name}.json"}
                 assert run.data.params["backbone"] == "efficientnet_lite0" and run.data.params["detector"] == "padim"
                 assert 0.0 <= run.data.metrics["image_auroc"] <= 1.0
                 assert run.data.metrics["image_auroc"] == pytest.approx(summary["categories"][name]["padim"]["image_auroc"])
@@ -132,6 +148,11 @@ def test_ray_job_submit_fits_categories_into_an_mlflow_server(tmp_path: Path, mo
                 assert not [path for path in model_files if path.endswith(".pkl")], model_files
             # Artifacts went through the server into its artifact store.
             assert list((server_folder / "artifacts").rglob("scores.parquet"))
+            # the splits are the runs' dataset inputs, searchable over HTTP
+            found = client.search_runs([experiment.experiment_id], "dataset.context = 'calibration'")
+            assert sorted(run.info.run_name for run in found) == [f"{name}-padim" for name in categories]
+            inputs = {item.dataset.name: item.tags[0].value for item in children["brick-padim"].inputs.dataset_inputs}
+            assert inputs == {"brick-fit": "training", "brick-calibration": "calibration", "brick-test": "testing"}
 
             # The registered model scores an image as the job did, and loads without unpickling anything.
             run = children["brick-padim"]
@@ -146,9 +167,40 @@ def test_ray_job_submit_fits_categories_into_an_mlflow_server(tmp_path: Path, mo
             defective = table[table.label == 1].iloc[0]
             image = Path(defective.source)
             scored = model.predict(pd.DataFrame({"image": [str(image), image.read_bytes()]}))
-            assert list(scored.columns) == ["image_score", "is_anomalous", "error"]
+            assert list(scored.columns) == ["image_score", "p_value", "is_anomalous", "error"]
             assert scored.image_score.tolist() == pytest.approx([defective.image_score] * 2, rel=1e-3)
             assert scored.is_anomalous.tolist() == [bool(defective.is_anomalous)] * 2
+            assert scored.p_value.tolist() == [defective.p_value] * 2
+            assert scored.is_anomalous.tolist() == (scored.p_value <= 0.5).tolist()
+
+            # Scoring through `ray job submit` with the registered models: p-values and the drift alarm.
+            scores = tmp_path / "scores"
+            job = subprocess.run(
+                [
+                    str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dashboard_port}",
+                    "--working-dir", str(REPO_ROOT),
+                    "--runtime-env-json", json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": uri}}),
+                    "--", "python", "-m", "jobs.score", "--input", str(data / "brick" / "test"), str(data / "brick" / "train"),
+                    "--models", "registry", "--category", "brick", "--output", str(scores), "--set", "tracking.experiment=padim-e2e",
+                ],
+                env=env, capture_output=True, text=True, check=False, timeout=420,
+            )
+            log = job.stdout + job.stderr
+            assert job.returncode == 0, log[-5000:]
+            assert "scored 13 images, 0 errors" in log and "brick     (whole job)" in log
+            table = pq.read_table(scores).to_pandas()
+            assert len(table) == 13 and table.p_value.notna().all()
+            assert (table.is_anomalous == (table.p_value <= 0.5)).all()
+            assert (table.is_anomalous == (table.image_score > table.threshold)).all()
+            drift = json.loads((tmp_path / "scores.drift.json").read_text())
+            assert [(item["category"], item["input"], item["images"]) for item in drift["results"]] == [
+                ("brick", None, 13), ("brick", str(data / "brick" / "test"), 7), ("brick", str(data / "brick" / "train"), 6)]
+            assert drift["results"][0]["verdict"] in ("ALARM", "no alarm")
+            assert drift["results"][1]["verdict"] == "not tested: 7 images, fewer than 10"
+            scoring = next(run for run in client.search_runs([experiment.experiment_id], "tags.job = 'jobs.score'"))
+            assert scoring.data.metrics["brick/drift_p_value"] == drift["results"][0]["p_value"]
+            assert scoring.data.tags["drift/brick"] == drift["results"][0]["verdict"]
+            assert "scores.drift.json" in {item.path for item in client.list_artifacts(scoring.info.run_id)}
     finally:
         shutil.rmtree(ray_temp, ignore_errors=True)
 
@@ -158,32 +210,33 @@ def test_one_broken_category_fails_alone(tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
     data = build_demo_dataset(tmp_path / "data", train=5, test_good=2, test_defect=1, size=64)
-    for extra in sorted((data / "gravel" / "train" / "good").iterdir())[1:]:
-        extra.unlink()  # one training image: no covariance can be estimated
+    shutil.rmtree(data / "gravel" / "train")  # listed by name, so it fails in its task rather than stopping the job
     (data / "grass" / "train" / "good" / "002.png").write_bytes(b"not an image")
     output = tmp_path / "out"
     started_at = time.monotonic()
     job = subprocess.run(
-        [str(BIN / "padim-fit"), "--config", str(DEMO_CONFIG), "--data-root", str(data), "--output", str(output), *FAST],
+        [str(BIN / "padim-fit"), "--config", str(DEMO_CONFIG), "--data-root", str(data), "--output", str(output),
+         "--categories", "brick,grass,gravel", *FAST],
         cwd=tmp_path, env=local_env(), capture_output=True, text=True, check=False, timeout=400,
     )
     print(f"padim-fit took {time.monotonic() - started_at:.0f} s")
     log = job.stdout + job.stderr
     assert job.returncode == 1, log[-5000:]
     assert "[3/3]" in log and "; 2 FAILED" in log
-    assert "gravel/padim failed: ValueError: a covariance needs at least 2 training images, got 1" in log
+    assert f"gravel/padim failed: DatasetError: {data / 'gravel'} is not an MVTec category: " in log
 
     summary = {name: kinds["padim"] for name, kinds in json.loads((output / "metrics.json").read_text())["categories"].items()}
     assert summary["brick"]["status"] == "ok" and summary["brick"]["error"] is None
     assert 0.0 <= summary["brick"]["image_auroc"] <= 1.0
     assert summary["gravel"]["status"] == "failed"
-    assert "at least 2 training images, got 1" in summary["gravel"]["error"]
+    assert "train/good is missing" in summary["gravel"]["error"]
     assert summary["grass"]["status"] == "failed"
     assert "002.png" in summary["grass"]["error"] and "ImageDecodeError" in summary["grass"]["error"]
     assert all(set(entry) >= {"image_auroc", "pixel_auroc", "aupro", "threshold", "n_train", "n_test", "fit_seconds",
                               "fit_images_per_second", "status", "error"} for entry in summary.values())
     # Only the category that succeeded has a model; nothing partial or temporary is left.
     assert [path.name for path in (output / "models" / "padim").iterdir()] == ["brick.safetensors"]
+    assert sorted(path.name for path in (output / "manifests").iterdir()) == ["brick.json", "grass.json"]
     assert summary["brick"]["model_path"] == str(output / "models" / "padim" / "brick.safetensors")
 
     client = MlflowClient(f"sqlite:///{output / 'mlflow.db'}")
