@@ -28,7 +28,7 @@ import numpy as np
 
 from padim_core.calibration import p_value_of
 
-DEFAULT_TRIM = 0.2
+DEFAULT_TRIM = 0.5
 DEFAULT_ALPHA = 0.01
 DEFAULT_DRAWS = 10_000
 DEFAULT_MIN_IMAGES = 10

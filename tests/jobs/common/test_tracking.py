@@ -80,7 +80,7 @@ def test_flat_params_and_detector_params_name_every_value() -> None:
     flat = tracking.flat_params(config.to_dict())
     assert flat["padim.layers"] == "blocks.1,blocks.2,blocks.4" and flat["tasks.num_gpus"] == "auto"
     assert flat["calibration.fraction"] == "0.2" and flat["calibration.false_alarm_rate"] == "None"
-    assert flat["drift.trim"] == "0.2" and flat["output"] == "outputs/demo"
+    assert flat["drift.trim"] == "0.5" and flat["output"] == "outputs/demo"
     params = tracking.detector_params(config, "padim")
     assert params["detector"] == "padim" and params["image_size"] == "64x96"
     assert params["backbone"] == "efficientnet_lite0" and params["layers"] == "blocks.1,blocks.2,blocks.4"

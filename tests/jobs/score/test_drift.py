@@ -62,7 +62,7 @@ def test_verdicts_are_printed_logged_and_written_beside_the_table(tmp_path: Path
 
     lines = drift_lines(results)
     assert lines[0].startswith("drift: do the images look like each model's calibration images? (mean p-value after "
-                               "dropping the smallest 0.2; alarm when the test's p-value < 0.01)")
+                               "dropping the smallest 0.5; alarm when the test's p-value < 0.01)")
     assert lines[1].split() == ["category", "input", "images", "statistic", "p-value", "verdict"]
     assert lines[3].split()[:3] == ["bottle", "(whole", "job)"] and lines[3].endswith("ALARM")
     assert lines[4].split()[:4] == ["metal", "nut", "(whole", "job)"] and lines[4].endswith("not tested: 3 images, fewer than 5")
