@@ -20,8 +20,10 @@ import yaml
 
 from padim_core.backbones import get_backbone
 from padim_core.coreset import DEFAULT_CHUNK_PATCHES, DEFAULT_PROJECTION_DIM
+from padim_core.datasets import MvtecCategory
 from padim_core.detector import KINDS, Detector, detector_class
 from padim_core.errors import BackboneError, ConfigError
+from padim_core.manifest import SplitManifest, category_manifest
 from padim_core.model_file import MAX_IMAGE_SIDE
 from padim_core.shifts import SHIFTS
 
@@ -213,14 +215,39 @@ class DataConfig(Section):
 
 @dataclass(frozen=True)
 class CalibrationConfig(Section):
-    """How the decision threshold is chosen."""
+    """Which normal images calibrate the threshold, and the false-alarm rate it guarantees.
+
+    The calibration images are held out from the fit (`padim_core.manifest`): a seeded
+    `fraction` of `train/good`, or the normal images of `folder/<category>/`, or the split of a
+    `manifest` written by an earlier fit (a file, or a folder of `<category>.json`).
+    """
 
     section: ClassVar[str] = "calibration"
 
-    threshold_quantile: float = 0.99  # threshold = this quantile of the normal images' scores
+    fraction: float = 0.2  # share of train/good held out for calibration (without folder or manifest)
+    seed: int = 0  # which images the fraction holds out
+    false_alarm_rate: float | str | None = None  # alpha; null or "auto": 0.01 if the count allows, else 1/(n+1)
+    folder: str | None = None  # <folder>/<category>/: normal calibration images; all of train/good fits
+    manifest: str | None = None  # a split manifest file, or a folder of <category>.json
 
     def __post_init__(self) -> None:
-        self._check("threshold_quantile", check_float, "0 < quantile <= 1", lambda v: 0 < v <= 1)
+        self._check("fraction", check_float, "0 < fraction < 1", lambda v: 0 < v < 1)
+        self._check("seed", check_int, 0)
+        if self.false_alarm_rate == "auto":
+            object.__setattr__(self, "false_alarm_rate", None)
+        if self.false_alarm_rate is not None:
+            self._check("false_alarm_rate", check_float, "0 < rate < 1, or null/auto", lambda v: 0 < v < 1)
+        for name in ("folder", "manifest"):
+            if getattr(self, name) is not None:
+                self._check(name, check_str)
+        if self.folder is not None and self.manifest is not None:
+            raise ConfigError("calibration.folder and calibration.manifest: give one of them, not both "
+                              "(a manifest already names its calibration images)")
+
+    def split(self, category: MvtecCategory, min_fit: int = 1) -> SplitManifest:
+        """The category's fit / calibration / test split this section describes (see `padim_core.manifest`)."""
+        return category_manifest(category, fraction=self.fraction, seed=self.seed, folder=self.folder,
+                                 manifest=self.manifest, min_fit=min_fit)
 
 
 @dataclass(frozen=True)

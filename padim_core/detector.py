@@ -70,6 +70,7 @@ class Detector(ABC):
     """The interface every detector kind implements; shared machinery lives here."""
 
     kind: ClassVar[str]
+    min_fit_images: ClassVar[int] = 1  # fewer normal images than this cannot be fitted
 
     def __init__(self, backbone: str, layers: Sequence[str] | None, image_size: int | Sequence[int], blur_sigma: float,
                  pretrained: bool, device: str | torch.device | None) -> None:

@@ -25,6 +25,7 @@ class PadimModel(Detector):
     """
 
     kind = "padim"
+    min_fit_images = 2  # a covariance needs two embeddings per location
 
     def __init__(
         self,
