@@ -143,7 +143,7 @@ class PadimConfig(DetectorSection):
     embedding: str = "random_subset"  # or semi_orthogonal (Kim et al. 2021): n_features dimensions either way
     shrinkage: str = "none"  # or oas, ledoit_wolf: each covariance pulled towards its average variance
     regularization: float = 0.01  # added to every covariance diagonal...
-    regularization_scale: str = "absolute"  # ...as is, or times the location's average variance ("variance")
+    regularization_scale: str = "absolute"  # ...as is, or times the average variance: location_variance, global_variance
     seed: int = 0
     pretrained: bool = True  # false: a randomly initialised backbone (baselines only)
     blur_sigma: float = 4.0

@@ -14,9 +14,11 @@ Finalising turns the sums into a covariance per location and regularises it:
   intensities are scikit-learn's formulas (`oas`, `ledoit_wolf_shrinkage`) on the biased S.
   Where a few training photos barely differ, S is nearly singular and its smallest directions
   are estimation noise; shrinkage lifts them in proportion to the location's own spread.
-- `regularization` is then added to the diagonal: as is (`absolute`, PaDiM's 0.01) or times
-  the location's average variance mu (`variance`), so that one number does not mean "very wide"
-  at a location whose features hardly vary and "negligible" at one where they vary a lot.
+- `regularization` is then added to the diagonal: as is (`absolute`, PaDiM's 0.01), times the
+  location's own average variance mu (`location_variance`), or times the average of mu over all
+  locations (`global_variance`). The last is Tikhonov regularisation in the features' own units:
+  a floor under every direction's variance that does not depend on the backbone's scale, and
+  that lets a direction count only as far as it varies more than that floor.
 """
 
 from __future__ import annotations
@@ -29,11 +31,11 @@ import torch
 _LOCATIONS_PER_STEP = 512
 
 SHRINKAGE = ("none", "oas", "ledoit_wolf")
-REGULARIZATION_SCALES = ("absolute", "variance")
+REGULARIZATION_SCALES = ("absolute", "location_variance", "global_variance")
 
 _FLAT_LOCATION_SHARE = 1e-3
-"""A `variance`-scaled regularisation where a location's features never vary (tr(S) = 0) uses this
-share of the average variance over all locations instead, so the covariance stays invertible."""
+"""A `location_variance`-scaled regularisation where a location's features never vary (tr(S) = 0)
+uses this share of the average variance over all locations instead, so the covariance stays invertible."""
 
 
 @dataclass
@@ -108,8 +110,9 @@ class GaussianAccumulator:
         """Mean `[L, C]` and inverse covariance `[L, C, C]`, both float32.
 
         The covariance is the unbiased one (divides by n - 1, as the paper and anomalib do),
-        shrunk by `shrinkage`, plus `regularization` on the diagonal (times the location's
-        average variance with `regularization_scale="variance"`).
+        shrunk by `shrinkage`, plus `regularization` on the diagonal (times the location's average
+        variance with `regularization_scale="location_variance"`, times its mean over all locations
+        with `"global_variance"`).
         """
         if self.count < 2:
             raise ValueError(f"a covariance needs at least 2 training images, got {self.count}")
@@ -121,9 +124,10 @@ class GaussianAccumulator:
             raise ValueError(f"regularization_scale {regularization_scale!r} is not one of {list(REGULARIZATION_SCALES)}")
         n, p = self.count, self.channels
         mean = self.total / n
-        # tr of every location's centred sum of outer products: the floor of flat locations.
+        # The average variance over every location and channel: the global scale, and the floor of flat locations.
         traces = self.outer.diagonal(dim1=1, dim2=2).sum(dim=1) - n * mean.square().sum(dim=1)
-        floor = _FLAT_LOCATION_SHARE * float(traces.clamp_min(0).mean()) / (n - 1) / p
+        overall = float(traces.clamp_min(0).mean()) / (n - 1) / p
+        floor = _FLAT_LOCATION_SHARE * overall
         inverse = torch.empty(self.outer.shape, dtype=torch.float32, device=self.outer.device)
         identity = torch.eye(p, dtype=torch.float64, device=self.outer.device)
         for start in range(0, self.locations, _LOCATIONS_PER_STEP):
@@ -134,8 +138,9 @@ class GaussianAccumulator:
             if shrinkage != "none":
                 intensity = self._intensity(shrinkage, centred / n, rows, mean[rows])
                 covariance = (1 - intensity)[:, None, None] * covariance + (intensity * average)[:, None, None] * identity
-            scale = average.where(average > 0, torch.full_like(average, floor)) if regularization_scale == "variance" else 1.0
-            covariance = covariance + (regularization * scale * torch.ones_like(average))[:, None, None] * identity
+            scale = {"absolute": torch.ones_like(average), "global_variance": torch.full_like(average, overall),
+                     "location_variance": average.where(average > 0, torch.full_like(average, floor))}[regularization_scale]
+            covariance = covariance + (regularization * scale)[:, None, None] * identity
             factor, info = torch.linalg.cholesky_ex(covariance)
             if bool((info > 0).any()):
                 raise ValueError(

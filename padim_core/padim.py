@@ -25,8 +25,8 @@ class PadimModel(Detector):
     `n_features` dimensions (`random_subset`: channels chosen at random, as in the paper;
     `semi_orthogonal`: a random projection with orthonormal columns), both seeded by `seed`;
     how each covariance is regularised (`shrinkage`: none, oas or ledoit_wolf, then
-    `regularization` on the diagonal, `absolute` or times the location's average variance by
-    `regularization_scale`); fit-time `augmentation`. The defaults are the paper's PaDiM; the
+    `regularization` on the diagonal, as is or times an average variance by
+    `regularization_scale`: see `gaussian`); fit-time `augmentation`. The defaults are the paper's PaDiM; the
     config's defaults add what measurement chose (README, "Robustness options").
     Learned: `mean_` and `inv_covariance_` per location of the `grid_shape_` grid.
     """

@@ -147,12 +147,12 @@ def test_build_detector_gives_an_unfitted_detector_with_the_configs_settings():
 
 
 def test_robustness_options_reach_the_detector_and_round_trip():
-    overrides = ["padim.embedding=semi_orthogonal", "padim.shrinkage=oas", "padim.regularization_scale=variance",
+    overrides = ["padim.embedding=semi_orthogonal", "padim.shrinkage=oas", "padim.regularization_scale=location_variance",
                  "padim.augmentation.copies=3", "padim.augmentation.colour_temperature=[5000, 8000]",
                  "patchcore.augmentation={copies: 2, noise: 0.01}"]
     config = load_config(None, overrides)
     model = config.build_detector(device="cpu")
-    assert (model.embedding, model.shrinkage, model.regularization_scale) == ("semi_orthogonal", "oas", "variance")
+    assert (model.embedding, model.shrinkage, model.regularization_scale) == ("semi_orthogonal", "oas", "location_variance")
     assert model.augmentation.copies == 3 and model.augmentation.colour_temperature == (5000.0, 8000.0)
     assert config.build_detector("patchcore").augmentation.noise == 0.01
     assert config_from_dict(config.to_dict()) == config
@@ -205,7 +205,7 @@ BAD_OVERRIDES = [
     ("shift.tolerance=1", ["shift.tolerance", "0 < tolerance < 1"]),
     ("padim=5", ["padim", "5", "mapping"]),
     ("padim.shrinkage=lw", ["padim.shrinkage", "lw", "oas", "ledoit_wolf"]),
-    ("padim.regularization_scale=relative", ["padim.regularization_scale", "relative", "absolute", "variance"]),
+    ("padim.regularization_scale=relative", ["padim.regularization_scale", "relative", "absolute", "global_variance"]),
     ("padim.embedding=pca", ["padim.embedding", "pca", "random_subset", "semi_orthogonal"]),
     ("padim.augmentation=4", ["padim.augmentation", "4", "mapping", "copies"]),
     ("padim.augmentation.copy=4", ["padim.augmentation.copy", "unknown key", "copies"]),

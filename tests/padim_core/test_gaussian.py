@@ -110,7 +110,7 @@ def test_variance_scaled_regularization_follows_each_locations_spread():
     x[5] = (x[5] - 20) * 100 + 20  # one location spreads 100 times wider
     x[6] = 3.0  # and one never varies at all
     accumulator = GaussianAccumulator.empty((3, 4), 8).update(x)
-    _, inverse = accumulator.finalize(0.1, regularization_scale="variance")
+    _, inverse = accumulator.finalize(0.1, regularization_scale="location_variance")
     for location in (0, 5):
         covariance = torch.cov(x[location].T)
         expected = covariance + 0.1 * covariance.trace() / 8 * torch.eye(8, dtype=torch.float64)
@@ -118,7 +118,21 @@ def test_variance_scaled_regularization_follows_each_locations_spread():
     # The flat location borrows a small share of the average variance and stays invertible.
     assert torch.isfinite(inverse[6]).all() and inverse[6].diagonal().min() > 0
     with pytest.raises(ValueError, match="not positive definite"):
-        accumulator.finalize(0.0, regularization_scale="variance")
+        accumulator.finalize(0.0, regularization_scale="location_variance")
+
+
+def test_global_variance_regularization_is_one_floor_in_the_features_own_units():
+    x = _spread()
+    accumulator = GaussianAccumulator.empty((3, 4), 8).update(x)
+    overall = torch.stack([torch.cov(location.T).trace() / 8 for location in x]).mean()
+    _, inverse = accumulator.finalize(0.5, regularization_scale="global_variance")
+    for location in (0, 11):
+        expected = torch.cov(x[location].T) + 0.5 * overall * torch.eye(8, dtype=torch.float64)
+        torch.testing.assert_close(inverse[location].double(), torch.linalg.inv(expected), rtol=1e-4, atol=1e-6)
+    # Features in other units (ten times larger) get the same distances: the floor scales with them.
+    scaled = GaussianAccumulator.empty((3, 4), 8).update(x * 10)
+    _, inverse_scaled = scaled.finalize(0.5, regularization_scale="global_variance")
+    torch.testing.assert_close(inverse_scaled.double() * 100, inverse.double(), rtol=1e-3, atol=1e-6)
 
 
 def test_bad_inputs_are_clear_errors():

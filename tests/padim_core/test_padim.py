@@ -163,14 +163,14 @@ def test_the_file_holds_the_gaussians_and_channels_and_no_pickle(fitted):
 
 def test_semi_orthogonal_embedding_saves_its_matrix_and_loads_back_the_same_model():
     model = PadimModel("resnet18", ["layer1", "layer2"], n_features=20, image_size=SIZE, pretrained=False, seed=1,
-                       embedding="semi_orthogonal", shrinkage="oas", regularization_scale="variance")
+                       embedding="semi_orthogonal", shrinkage="oas", regularization_scale="location_variance")
     assert model.channel_index.tolist() == list(range(192)) and model.projection.shape == (192, 20)
     model.fit([images(6), images(5, seed=1)])
     data = model.to_bytes()
     header = json.loads(data[8 : 8 + struct.unpack("<Q", data[:8])[0]])
     assert {key for key in header if key != "__metadata__"} == {"mean", "inv_covariance", "projection"}
     loaded = PadimModel.load(data)
-    assert (loaded.embedding, loaded.shrinkage, loaded.regularization_scale) == ("semi_orthogonal", "oas", "variance")
+    assert (loaded.embedding, loaded.shrinkage, loaded.regularization_scale) == ("semi_orthogonal", "oas", "location_variance")
     assert torch.equal(loaded.projection, model.projection)
     batch = images(2, seed=4)
     torch.testing.assert_close(loaded.predict(batch)[1], model.predict(batch)[1])
