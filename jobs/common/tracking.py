@@ -10,6 +10,7 @@ process-wide "active run", which Ray workers and threads must not share.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -139,10 +140,12 @@ def flat_params(values: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
 
 def detector_params(config: Any, kind: str) -> dict[str, str]:
     """The child-run params of a detector: its kind and its config section, e.g. `backbone`,
-    `layers`, `image_size` (`HxW`), `n_features` (names shared by every category)."""
+    `layers`, `image_size` (`HxW`), `n_features`, `augmentation.copies` (names shared by every category)."""
     params = {"detector": kind}
     for key, value in config.detector_section(kind).detector_kwargs().items():
-        if key == "image_size":
+        if dataclasses.is_dataclass(value):  # a nested setting, e.g. augmentation.copies
+            params.update(flat_params(dataclasses.asdict(value), f"{key}."))
+        elif key == "image_size":
             height, width = (value, value) if isinstance(value, int) else value
             params[key] = f"{height}x{width}"
         else:

@@ -142,15 +142,15 @@ def _number(value: Any) -> float | int | None:
 class FitJob(PerCategoryJob):
     name = "fit"
 
-    def __init__(self, config: JobConfig, config_file: Path | None) -> None:
-        super().__init__(config, config_file)
+    def __init__(self, config: JobConfig, config_file: Path | None, detectors: Sequence[str] = ()) -> None:
+        super().__init__(config, config_file, detectors)
         self.splits: dict[str, SplitManifest] = {}
 
     def prepare(self) -> None:
         """Split every category and check the calibration count supports the false-alarm rate,
         before any fitting: a bad fraction, folder or manifest stops the job (exit 2). A listed
         category whose folder is missing is left to fail alone in its task."""
-        min_fit = max(detector_class(kind).min_fit_images for kind in self.detectors())
+        min_fit = max(detector_class(kind).min_fit_images for kind in self.kinds)
         for name in self.categories:
             try:
                 category = MvtecCategory.from_folder(self.root / name)

@@ -148,6 +148,19 @@ def test_build_detector_gives_an_unfitted_detector_with_the_configs_settings():
     assert config.detector_section() is config.padim
 
 
+def test_robustness_options_reach_the_detector_and_round_trip():
+    overrides = ["padim.embedding=semi_orthogonal", "padim.shrinkage=oas", "padim.regularization_scale=location_variance",
+                 "padim.augmentation.copies=3", "padim.augmentation.colour_temperature=[5000, 8000]",
+                 "patchcore.augmentation={copies: 2, noise: 0.01}"]
+    config = load_config(None, overrides)
+    model = config.build_detector(device="cpu")
+    assert (model.embedding, model.shrinkage, model.regularization_scale) == ("semi_orthogonal", "oas", "location_variance")
+    assert model.augmentation.copies == 3 and model.augmentation.colour_temperature == (5000.0, 8000.0)
+    assert config.build_detector("patchcore").augmentation.noise == 0.01
+    assert config_from_dict(config.to_dict()) == config
+    assert yaml.safe_load(yaml.safe_dump(config.to_dict()))["padim"]["augmentation"]["colour_temperature"] == [5000.0, 8000.0]
+
+
 def test_every_kind_has_a_section_whose_settings_its_class_takes():
     config = ExperimentConfig()
     for kind in KINDS:
@@ -198,6 +211,16 @@ BAD_OVERRIDES = [
     ("shift.shifts.blur=2", ["shift.shifts.blur", "non-empty list of levels"]),
     ("shift.tolerance=1", ["shift.tolerance", "0 < tolerance < 1"]),
     ("padim=5", ["padim", "5", "mapping"]),
+    ("padim.shrinkage=lw", ["padim.shrinkage", "lw", "oas", "ledoit_wolf"]),
+    ("padim.regularization_scale=relative", ["padim.regularization_scale", "relative", "absolute", "global_variance"]),
+    ("padim.embedding=pca", ["padim.embedding", "pca", "random_subset", "semi_orthogonal"]),
+    ("padim.augmentation=4", ["padim.augmentation", "4", "mapping", "copies"]),
+    ("padim.augmentation.copy=4", ["padim.augmentation.copy", "unknown key", "copies"]),
+    ("padim.augmentation.copies=-1", ["padim.augmentation.copies", "-1", ">= 0 and <= 64"]),
+    ("patchcore.augmentation.brightness=1", ["patchcore.augmentation.brightness", "1", "0 <= x < 1"]),
+    ("padim.augmentation.colour_temperature=[9000, 5000]", ["padim.augmentation.colour_temperature", "low above high"]),
+    ("padim.augmentation.colour_temperature=5000", ["padim.augmentation.colour_temperature", "[low, high] kelvin"]),
+    ("padim.augmentation.jpeg_quality=0", ["padim.augmentation.jpeg_quality", "0", ">= 1 and <= 100"]),
     ("padim.n_features", ["padim.n_features", "malformed", "key.sub=value"]),
     ("=5", ["=5", "malformed"]),
     ("data.categories=[a, b", ["data.categories=[a, b", "not valid YAML"]),
