@@ -117,7 +117,7 @@ def test_two_jobs_on_one_output_end_with_one_table_and_one_clear_refusal(
     run(first)
     table = pq.read_table(output).to_pandas()
     assert len(table) == 3 and table.run_id.nunique() == 1
-    assert sorted(path.name for path in tmp_path.iterdir()) == [".scores.lock", "in", "mlartifacts", "mlflow.db", "scores"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == [".scores.lock", "in", "mlartifacts", "mlflow.db", "scores", "scores.drift.json"]
 
 
 LISTENERS = r"""
