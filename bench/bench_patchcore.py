@@ -1,10 +1,11 @@
 """Our PatchCore against anomalib 2.x's PatchcoreModel, side by side on the bottle images.
 
-    python -m bench.bench_patchcore [--data ../shared/data/mvtec_ad/bottle] [--ratio 0.01] [--memory-images 2000]
+    python -m bench.bench_patchcore [--data ../shared/data/mvtec_ad/bottle] [--parts 1,2,3] [--ratio 0.01] [--memory-images 2000]
 
 Both run on the same backbone weights (efficientnet_lite0), layers (blocks.2, blocks.4), image
 size, batch size and image loader (`padim_core.loader.image_batches` over the transform's
-`to_pixels`; anomalib gets the same pixels normalised), so decoding costs both the same. Prints:
+`to_pixels`; anomalib gets the same pixels normalised), so decoding costs both the same. Prints
+(all three parts, or those named by `--parts`):
   1. side by side at `--ratio` (1%, so that anomalib's quadratic greedy coreset finishes): fit
      throughput (decoding, embedding and coreset included), predict throughput (decoding
      included), bank size, image and pixel AUROC;
@@ -60,6 +61,7 @@ class Settings(argparse.Namespace):
     image_size: int
     batch_size: int
     workers: int
+    parts: set[int]
     ratio: float
     limit_train: int | None
     limit_test: int | None
@@ -228,16 +230,68 @@ def fit_peak_rss(settings: Settings, who: str) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------------------ report
+PARTS = (1, 2, 3)
+
+
+def parse_parts(text: str) -> set[int]:
+    """`--parts`: a comma-separated subset of 1, 2, 3."""
+    try:
+        parts = {int(part) for part in text.split(",") if part.strip()}
+    except ValueError:
+        parts = set()
+    if not parts or not parts <= set(PARTS):
+        raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {','.join(map(str, PARTS))}, got {text!r}")
+    return parts
+
+
+def report_side_by_side(figures: dict[str, float]) -> None:
+    print(f"  fit      ours {figures['ours_fit_images_per_second']:6.2f} img/s  anomalib "
+          f"{figures['anomalib_fit_images_per_second']:6.2f} img/s  ratio {figures['fit_ratio']:.1f}x (target >= 10)")
+    print(f"  predict  ours {figures['ours_predict_images_per_second']:6.2f} img/s  anomalib "
+          f"{figures['anomalib_predict_images_per_second']:6.2f} img/s  ratio {figures['predict_ratio']:.2f}x (target >= 1.5)")
+    for key, target in (("image_auroc", 0.995), ("pixel_auroc", 0.978)):
+        ours, theirs = figures[f"ours_{key}"], figures[f"anomalib_{key}"]
+        print(f"  {key:<12} ours {ours:.4f}  anomalib {theirs:.4f}  difference {ours - theirs:+.4f} "
+              f"(targets: ours >= {target}, within 0.005)")
+
+
+def report_default_ratio_and_dtype(figures: dict[str, float]) -> None:
+    print(f"  fit      {figures['default_fit_images_per_second']:6.2f} img/s ({figures['default_fit_seconds']:.1f} s), "
+          f"bank {figures['default_bank_rows']} rows  (load {load_average()})")
+    for dtype in ("float32", "float16"):
+        print(f"  {dtype}  file {figures[f'{dtype}_file_mb']:6.2f} MB  image AUROC {figures[f'{dtype}_image_auroc']:.6f}"
+              f"  pixel AUROC {figures[f'{dtype}_pixel_auroc']:.6f}")
+    print(f"  float16 - float32: image AUROC {figures['float16_image_auroc'] - figures['float32_image_auroc']:+.2e}, "
+          f"pixel AUROC {figures['float16_pixel_auroc'] - figures['float32_pixel_auroc']:+.2e}, "
+          f"file {figures['float16_file_mb'] / figures['float32_file_mb']:.2f}x")
+
+
+def memory(settings: Settings) -> dict[str, float]:
+    ours = fit_peak_rss(settings, "ours")
+    print(f"  ours      peak {ours['peak_rss_mb']:.0f} MB, fit {ours['seconds']:.0f} s  (load {load_average()})", flush=True)
+    theirs = fit_peak_rss(settings, "anomalib")
+    stopped = theirs["stopped_early"]
+    print(f"  anomalib  peak {'at least ' if stopped else ''}{theirs['peak_rss_mb']:.0f} MB, "
+          f"{'stopped after its first greedy step after ' if stopped else 'fit '}{theirs['seconds']:.0f} s  "
+          f"(load {load_average()})", flush=True)
+    ratio = ours["peak_rss_mb"] / theirs["peak_rss_mb"]
+    print(f"  peak memory ratio ours / anomalib {'at most ' if stopped else ''}{ratio:.2f}x (target <= 0.5)")
+    return {"ours_peak_rss_mb": ours["peak_rss_mb"], "anomalib_peak_rss_mb": theirs["peak_rss_mb"],
+            "ours_memory_fit_seconds": ours["seconds"], "anomalib_memory_seconds": theirs["seconds"],
+            "anomalib_memory_stopped_early": stopped, "memory_ratio": ratio}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="an MVTec AD category folder")
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2, help="decoding threads (both implementations)")
+    parser.add_argument("--parts", type=parse_parts, default=set(PARTS), help="which parts to run, e.g. 3 or 1,2 (default: all)")
     parser.add_argument("--ratio", type=float, default=0.01, help="coreset ratio of the side-by-side run")
     parser.add_argument("--limit-train", type=int, help="fit on the first N training images (smoke tests)")
     parser.add_argument("--limit-test", type=int, help="score N test images spread over the test set (smoke tests)")
-    parser.add_argument("--memory-images", type=int, default=2000, help="training images of the memory runs (0: skip)")
+    parser.add_argument("--memory-images", type=int, default=2000, help="training images of the memory runs")
     parser.add_argument("--memory-child", choices=("ours", "anomalib"), help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path, help="also write the figures here")
     settings = parser.parse_args(argv, namespace=Settings())
@@ -253,39 +307,19 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"efficientnet_lite0 {'+'.join(LAYERS)}, batch {settings.batch_size}, {torch.get_num_threads()} torch threads, "
           f"{os.cpu_count()} CPUs, load {load_average()}", flush=True)
 
-    print(f"1. side by side, coreset ratio {settings.ratio}", flush=True)
-    figures = side_by_side(category, train, test, settings)
-    print(f"  fit      ours {figures['ours_fit_images_per_second']:6.2f} img/s  anomalib "
-          f"{figures['anomalib_fit_images_per_second']:6.2f} img/s  ratio {figures['fit_ratio']:.1f}x (target >= 10)")
-    print(f"  predict  ours {figures['ours_predict_images_per_second']:6.2f} img/s  anomalib "
-          f"{figures['anomalib_predict_images_per_second']:6.2f} img/s  ratio {figures['predict_ratio']:.2f}x (target >= 1.5)")
-    for key, target in (("image_auroc", 0.995), ("pixel_auroc", 0.978)):
-        ours, theirs = figures[f"ours_{key}"], figures[f"anomalib_{key}"]
-        print(f"  {key:<12} ours {ours:.4f}  anomalib {theirs:.4f}  difference {ours - theirs:+.4f} "
-              f"(targets: ours >= {target}, within 0.005)")
-
-    print(f"2. ours at the default ratio {DEFAULT_RATIO}; the bank stored as float32 and float16", flush=True)
-    figures.update(default_ratio_and_dtype(train, test, settings))
-    print(f"  fit      {figures['default_fit_images_per_second']:6.2f} img/s ({figures['default_fit_seconds']:.1f} s), "
-          f"bank {figures['default_bank_rows']} rows  (load {load_average()})")
-    for dtype in ("float32", "float16"):
-        print(f"  {dtype}  file {figures[f'{dtype}_file_mb']:6.2f} MB  image AUROC {figures[f'{dtype}_image_auroc']:.6f}"
-              f"  pixel AUROC {figures[f'{dtype}_pixel_auroc']:.6f}")
-    print(f"  float16 - float32: image AUROC {figures['float16_image_auroc'] - figures['float32_image_auroc']:+.2e}, "
-          f"pixel AUROC {figures['float16_pixel_auroc'] - figures['float32_pixel_auroc']:+.2e}, "
-          f"file {figures['float16_file_mb'] / figures['float32_file_mb']:.2f}x")
-
-    if settings.memory_images:
+    figures: dict[str, float] = {}
+    if 1 in settings.parts:
+        print(f"1. side by side, coreset ratio {settings.ratio}", flush=True)
+        figures.update(side_by_side(category, train, test, settings))
+        report_side_by_side(figures)
+    if 2 in settings.parts:
+        print(f"2. ours at the default ratio {DEFAULT_RATIO}; the bank stored as float32 and float16", flush=True)
+        figures.update(default_ratio_and_dtype(train, test, settings))
+        report_default_ratio_and_dtype(figures)
+    if 3 in settings.parts:
         print(f"3. fit peak RSS at {settings.memory_images} training images, ratio {DEFAULT_RATIO}, a fresh process each",
               flush=True)
-        ours, theirs = fit_peak_rss(settings, "ours"), fit_peak_rss(settings, "anomalib")
-        figures.update(ours_peak_rss_mb=ours["peak_rss_mb"], anomalib_peak_rss_mb=theirs["peak_rss_mb"],
-                       ours_memory_fit_seconds=ours["seconds"], anomalib_memory_seconds=theirs["seconds"],
-                       memory_ratio=ours["peak_rss_mb"] / theirs["peak_rss_mb"])
-        bound = "at least " if theirs["stopped_early"] else ""
-        print(f"  ours {ours['peak_rss_mb']:.0f} MB (fit {ours['seconds']:.0f} s)  anomalib {bound}{theirs['peak_rss_mb']:.0f} MB "
-              f"({'stopped after its first greedy step, ' if theirs['stopped_early'] else ''}{theirs['seconds']:.0f} s)  "
-              f"ratio {'at most ' if bound else ''}{figures['memory_ratio']:.2f}x (target <= 0.5)")
+        figures.update(memory(settings))
     print(f"load at the end: {load_average()}")
     if settings.json:
         settings.json.write_text(json.dumps(figures, indent=2) + "\n")
