@@ -72,8 +72,8 @@ class PatchcoreModel(Detector):
         device: str | torch.device | None = None,
     ) -> None:
         super().__init__(backbone, layers, image_size, blur_sigma, pretrained, device)
-        if not 0 < coreset_ratio <= 1:
-            raise ValueError(f"coreset_ratio must be in (0, 1], got {coreset_ratio}")
+        if isinstance(coreset_ratio, bool) or not isinstance(coreset_ratio, (int, float)) or not 0 < coreset_ratio <= 1:
+            raise ValueError(f"coreset_ratio must be in (0, 1], got {coreset_ratio!r}")
         if isinstance(num_neighbors, bool) or not isinstance(num_neighbors, int) or num_neighbors < 1:
             raise ValueError(f"num_neighbors must be an integer >= 1, got {num_neighbors!r}")
         for name, value in (("projection_dim", projection_dim), ("chunk_patches", chunk_patches)):

@@ -254,14 +254,26 @@ def test_a_patchcore_file_is_not_a_padim_model(fitted_file):
 
 # ------------------------------------------------------------------ bad input
 def test_settings_out_of_range_are_refused():
-    for ratio in (0, 0.0, -0.1, 1.5):
-        with pytest.raises(ValueError, match=rf"coreset_ratio must be in \(0, 1\], got {ratio}"):
+    for ratio in (0, 0.0, -0.1, 1.5, math.nan, "0.5", True):
+        with pytest.raises(ValueError, match=rf"coreset_ratio must be in \(0, 1\], got {ratio!r}"):
             tiny_patchcore(coreset_ratio=ratio)
     for count in (0, 2.5, True):
         with pytest.raises(ValueError, match=rf"num_neighbors must be an integer >= 1, got {count!r}"):
             tiny_patchcore(num_neighbors=count)
     with pytest.raises(ValueError, match="chunk_patches must be an integer >= 1, got 0"):
         tiny_patchcore(chunk_patches=0)
+
+
+@pytest.mark.parametrize(("change", "reason"), [
+    ({"coreset_ratio": 0}, r"coreset_ratio must be in \(0, 1\], got 0"),
+    ({"coreset_ratio": 1.5}, r"coreset_ratio must be in \(0, 1\], got 1.5"),
+    ({"coreset_ratio": "all"}, r"coreset_ratio must be in \(0, 1\], got 'all'"),
+    ({"num_neighbors": 0}, "num_neighbors must be an integer >= 1, got 0"),
+])
+def test_a_file_with_settings_out_of_range_is_refused(fitted_file, change, reason):
+    settings = {**model_metadata(fitted_file)["settings"], **change}
+    with pytest.raises(ModelFileError, match=rf"settings do not describe a usable patchcore model \({reason}\)"):
+        load_detector(rewrite_model_file(fitted_file, settings=settings))
 
 
 def test_more_neighbours_than_bank_rows_is_refused_at_fit():
