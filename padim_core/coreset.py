@@ -38,19 +38,22 @@ def greedy_k_center(points: torch.Tensor, count: int, start: int = 0) -> torch.T
     """Indices of `count` rows of `points [N, D]` chosen by the greedy k-center rule from `start`.
 
     Each step adds the row farthest (Euclidean) from the rows chosen so far. Squared distances
-    to the newest centre are one matrix-vector product over every row.
+    to the newest centre are one `[1, D] @ [D, N]` product over every row: with the points
+    stored column-major that product streams memory in order, several times faster on CPU than
+    the matrix-vector product over row-major points.
     """
     total = points.shape[0]
     if not 1 <= count <= total:
         raise ValueError(f"a coreset of {count} rows out of {total} is impossible")
     norms = (points * points).sum(dim=1)
+    columns = points.t().contiguous()
     nearest = torch.full((total,), float("inf"), dtype=points.dtype, device=points.device)
     chosen = torch.empty(count, dtype=torch.long, device=points.device)
     index = torch.tensor(start, device=points.device)
     for step in range(count):
         chosen[step] = index
-        centre = points[index]
-        distances = torch.addmv(norms, points, centre, alpha=-2.0).add_(norms[index])
+        centre = points[index].unsqueeze(0)
+        distances = torch.addmm(norms.unsqueeze(0), centre, columns, alpha=-2.0)[0].add_(norms[index])
         torch.minimum(nearest, distances, out=nearest)
         nearest[index] = 0
         index = torch.argmax(nearest)
@@ -84,7 +87,8 @@ class StreamingCoreset:
         self.seen += patches.shape[0]
         while patches.shape[0]:
             room = self.chunk_patches - self._buffered
-            self._buffer.append(patches[:room].float())
+            # A copy, never a view: a view would keep the caller's whole batch alive with it.
+            self._buffer.append(patches[:room].to(torch.float32, copy=True))
             self._buffered += self._buffer[-1].shape[0]
             patches = patches[room:]
             if self._buffered == self.chunk_patches:
@@ -99,7 +103,7 @@ class StreamingCoreset:
         return torch.cat(self._kept)
 
     def _reduce(self) -> None:
-        chunk = torch.cat(self._buffer)
+        chunk = self._buffer[0] if len(self._buffer) == 1 else torch.cat(self._buffer)
         self._buffer, self._buffered = [], 0
         count = max(1, round(self.ratio * chunk.shape[0]))
         if count >= chunk.shape[0]:

@@ -24,6 +24,12 @@ from padim_core.detector import Detector
 from padim_core.model_file import ModelFile, check_tensor
 from padim_core.nearest import nearest, squared_norms
 
+BANK_DTYPE = torch.float16
+"""The memory bank's values: float16, half the model file of float32 with the same image and
+pixel AUROC (measured by `bench.bench_patchcore`). The bank is rounded when it is set, not when
+it is saved, so a fitted model and its reloaded file score identically; it is held as float32
+for the distance computations."""
+
 
 class LocallyAwareEmbedder(nn.Module):
     """Images `[B, 3, H, W]` -> patch features `[B, C, h, w]` on the first layer's grid."""
@@ -47,7 +53,7 @@ class PatchcoreModel(Detector):
     (greedy k-center in a `projection_dim` random projection, `chunk_patches` at a time, seeded by
     `seed`), `num_neighbors` for the image score's re-weighting, fit-time `augmentation` (the
     coreset then keeps `coreset_ratio` of the original patches' count out of all the augmented
-    ones, so the bank is no larger). Learned: `memory_bank_`.
+    ones, so the bank is no larger). Learned: `memory_bank_` (values of `BANK_DTYPE`, held as float32).
     """
 
     kind = "patchcore"
@@ -69,8 +75,8 @@ class PatchcoreModel(Detector):
         device: str | torch.device | None = None,
     ) -> None:
         super().__init__(backbone, layers, image_size, blur_sigma, pretrained, device, augmentation)
-        if not 0 < coreset_ratio <= 1:
-            raise ValueError(f"coreset_ratio must be in (0, 1], got {coreset_ratio}")
+        if isinstance(coreset_ratio, bool) or not isinstance(coreset_ratio, (int, float)) or not 0 < coreset_ratio <= 1:
+            raise ValueError(f"coreset_ratio must be in (0, 1], got {coreset_ratio!r}")
         if isinstance(num_neighbors, bool) or not isinstance(num_neighbors, int) or num_neighbors < 1:
             raise ValueError(f"num_neighbors must be an integer >= 1, got {num_neighbors!r}")
         for name, value in (("projection_dim", projection_dim), ("chunk_patches", chunk_patches)):
@@ -117,12 +123,18 @@ class PatchcoreModel(Detector):
         return self.set_memory_bank(coreset.bank(), grid, coreset.seen // patches_per_image)
 
     def set_memory_bank(self, bank: torch.Tensor, grid_shape: tuple[int, int], n_train: int) -> "PatchcoreModel":
-        """Use `bank [M, C]` as the memory bank of a `grid_shape` patch grid fitted on `n_train` images."""
+        """Use `bank [M, C]` (rounded to `BANK_DTYPE`) as the memory bank of a `grid_shape` patch
+        grid fitted on `n_train` images."""
         if bank.ndim != 2 or bank.shape[1] != self.embedding_size:
             raise ValueError(f"memory bank must be [M, {self.embedding_size}], got {list(bank.shape)}")
         if bank.shape[0] < self.num_neighbors:
-            raise ValueError(f"num_neighbors {self.num_neighbors} is larger than the memory bank ({bank.shape[0]} patches)")
-        self.memory_bank_ = bank.float().to(self.device)
+            raise ValueError(f"num_neighbors {self.num_neighbors} is larger than the memory bank ({bank.shape[0]} patches); "
+                             "lower num_neighbors or raise coreset_ratio")
+        rounded = bank.to(BANK_DTYPE)
+        if not torch.isfinite(rounded).all():
+            raise ValueError(f"memory bank holds NaN, infinity or values beyond {BANK_DTYPE}'s range "
+                             f"(largest magnitude {float(bank.abs().max()):.4g})")
+        self.memory_bank_ = rounded.float().to(self.device)
         self._bank_norms = squared_norms(self.memory_bank_)
         self.grid_shape_ = tuple(grid_shape)
         self.n_train_ = n_train
@@ -165,7 +177,7 @@ class PatchcoreModel(Detector):
         }
 
     def _state(self) -> dict[str, torch.Tensor]:
-        return {"memory_bank": self.memory_bank_.float()}
+        return {"memory_bank": self.memory_bank_.to(BANK_DTYPE)}
 
     @classmethod
     def _from_file(cls, file: ModelFile, common: dict[str, Any], device: torch.device | None) -> "PatchcoreModel":
@@ -178,6 +190,6 @@ class PatchcoreModel(Detector):
             raise ValueError(f"embedding_size {settings['embedding_size']} but layers {list(model.layers)} give {model.embedding_size}")
         bank = file.tensors.get("memory_bank")
         rows = bank.shape[0] if bank is not None and bank.ndim == 2 else 0
-        bank = check_tensor(file, "memory_bank", (rows, model.embedding_size), torch.float32)
+        bank = check_tensor(file, "memory_bank", (rows, model.embedding_size), BANK_DTYPE)
         model.set_memory_bank(bank, tuple(file.metadata["grid_shape"]), file.metadata["n_train"])
         return model

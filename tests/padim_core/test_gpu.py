@@ -81,3 +81,24 @@ def test_shift_figures_on_the_gpu_match_the_cpu(tmp_path: Path) -> None:
         assert (cpu.shift, cpu.severity) == (gpu.shift, gpu.severity)
         assert np.isclose(cpu.image_auroc, gpu.image_auroc, atol=0.02)
         assert np.isclose(cpu.pixel_auroc, gpu.pixel_auroc, atol=0.01)
+
+
+def test_patchcore_on_the_gpu_matches_the_cpu() -> None:
+    """The whole bank (ratio 1.0) on both devices: the same patches up to TF32 convolutions; a
+    coreset fit runs its greedy loop on the GPU and keeps its share of the patches."""
+    from padim_core.patchcore import PatchcoreModel
+
+    train, test = [images(6, seed) for seed in range(2)], images(4, 10)
+    figures = {}
+    for device in ("cpu", "cuda"):
+        model = PatchcoreModel("efficientnet_lite0", image_size=SIZE, coreset_ratio=1.0, device=device).fit(train)
+        figures[device] = (model, *model.predict(test))
+    cpu, gpu = figures["cpu"], figures["cuda"]
+    assert gpu[0].memory_bank_.device.type == "cuda" and gpu[1].device.type == "cpu"
+    torch.testing.assert_close(gpu[0].memory_bank_.cpu(), cpu[0].memory_bank_, rtol=1e-2, atol=5e-2)
+    torch.testing.assert_close(gpu[1], cpu[1], rtol=1e-2, atol=5e-2)
+    torch.testing.assert_close(gpu[2], cpu[2], rtol=1e-2, atol=5e-2)
+    coreset = PatchcoreModel("efficientnet_lite0", image_size=SIZE, coreset_ratio=0.1, chunk_patches=500,
+                             device="cuda").fit(train)
+    patches = 12 * (SIZE // 8) ** 2
+    assert abs(coreset.memory_bank_.shape[0] - 0.1 * patches) <= -(-patches // 500)

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from padim_core.padim import PadimModel
+from padim_core.patchcore import PatchcoreModel
 
 SIZE = 64
 """Input side of the tiny models: resnet18's layer1 gives them a 16x16 grid."""
@@ -28,6 +29,18 @@ def fit_tiny_padim(seed: int = 1) -> PadimModel:
     """PaDiM on a random-init resnet18 (layer1 + layer2, 20 of 192 channels), fitted on 11 noise images."""
     model = PadimModel("resnet18", ["layer1", "layer2"], n_features=20, image_size=SIZE, pretrained=False, seed=seed)
     return model.fit([images(6), images(5, seed=1)])
+
+
+def tiny_patchcore(**settings: Any) -> PatchcoreModel:
+    """An unfitted PatchCore on a random-init resnet18 (layer2 + layer3: 384 channels on an 8x8
+    grid at 64 px); a bank of a quarter of each 256-patch chunk unless `settings` say otherwise."""
+    return PatchcoreModel("resnet18", ["layer2", "layer3"], SIZE, pretrained=False,
+                          **{"coreset_ratio": 0.25, "chunk_patches": 256, **settings})
+
+
+def fit_tiny_patchcore(**settings: Any) -> PatchcoreModel:
+    """`tiny_patchcore(**settings)` fitted on 11 noise images (704 patches)."""
+    return tiny_patchcore(**settings).fit([images(6), images(5, seed=1)])
 
 
 def model_metadata(data: bytes) -> dict[str, Any]:
