@@ -87,8 +87,9 @@ class Section:
         object.__setattr__(self, name, check(f"{self.section}.{name}", getattr(self, name), *args))
 
 
-def check_augmentation(key: str, value: Any) -> PhotometricAugmentation:
-    """A detector's `augmentation` mapping (any key left out keeps its default)."""
+def check_augmentation(key: str, value: Any, default: PhotometricAugmentation | None = None) -> PhotometricAugmentation:
+    """A detector's `augmentation` mapping: any key left out keeps the section's `default` (null:
+    no augmentation at all)."""
     if isinstance(value, PhotometricAugmentation):
         return value
     if value is None:
@@ -121,7 +122,7 @@ def check_augmentation(key: str, value: Any) -> PhotometricAugmentation:
         if low > high:
             raise ConfigError(f"{key}.colour_temperature: {list(bounds)} has low above high; allowed: {allowed}")
         values["colour_temperature"] = (low, high)
-    return PhotometricAugmentation(**values)
+    return dataclasses.replace(default or PhotometricAugmentation(), **values)
 
 
 class DetectorSection(Section):
@@ -144,12 +145,12 @@ class PadimConfig(DetectorSection):
     image_size: int | tuple[int, int] = 256  # square side, or (height, width)
     embedding: str = "random_subset"  # or semi_orthogonal (Kim et al. 2021): n_features dimensions either way
     shrinkage: str = "none"  # or oas, ledoit_wolf: each covariance pulled towards its average variance
-    regularization: float = 0.01  # added to every covariance diagonal...
+    regularization: float = 10.0  # added to every covariance diagonal (the paper: 0.01; README, issue 14)...
     regularization_scale: str = "absolute"  # ...as is, or times the average variance: location_variance, global_variance
     seed: int = 0
     pretrained: bool = True  # false: a randomly initialised backbone (baselines only)
     blur_sigma: float = 4.0
-    augmentation: PhotometricAugmentation = field(default_factory=PhotometricAugmentation)  # fit-time copies
+    augmentation: PhotometricAugmentation = field(default_factory=lambda: PhotometricAugmentation(copies=1))  # fit-time copies
 
     def __post_init__(self) -> None:
         spec = _check_backbone(self)
@@ -232,7 +233,8 @@ def _check_backbone(section: DetectorSection) -> Any:
         raise ConfigError(f"{name}.image_size: expected {allowed}, got {describe_value(value)}")
     section._check("pretrained", check_bool)
     section._check("blur_sigma", check_float, ">= 0 (0: no blur)", lambda v: v >= 0)
-    section._check("augmentation", check_augmentation)
+    default = next(f for f in dataclasses.fields(section) if f.name == "augmentation").default_factory()
+    section._check("augmentation", check_augmentation, default)
     return spec
 
 

@@ -26,7 +26,7 @@ class PadimModel(Detector):
     how each covariance is regularised (`shrinkage`: none, oas or ledoit_wolf, then
     `regularization` on the diagonal, as is or times an average variance by
     `regularization_scale`: see `gaussian`); fit-time `augmentation`. The defaults are the paper's PaDiM; the
-    config's defaults add what measurement chose (README, "Robustness options").
+    config's defaults add what measurement chose (README, "Robustness to light and noise (issue 14)").
     Learned: `mean_` and `inv_covariance_` per location of the `grid_shape_` grid.
     """
 

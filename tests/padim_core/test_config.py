@@ -9,6 +9,7 @@ import inspect
 import pytest
 import yaml
 
+from padim_core.augmentation import PhotometricAugmentation
 from padim_core.backbones import BACKBONES, get_backbone
 from padim_core.config import (
     CalibrationConfig,
@@ -159,6 +160,20 @@ def test_robustness_options_reach_the_detector_and_round_trip():
     assert config.build_detector("patchcore").augmentation.noise == 0.01
     assert config_from_dict(config.to_dict()) == config
     assert yaml.safe_load(yaml.safe_dump(config.to_dict()))["padim"]["augmentation"]["colour_temperature"] == [5000.0, 8000.0]
+
+
+def test_padims_defaults_are_the_measured_robust_ones_and_partial_augmentation_keeps_them():
+    """README "Robustness to light and noise (issue 14)": regularisation 10 and one augmented copy."""
+    padim = load_config(None).padim
+    assert (padim.regularization, padim.regularization_scale, padim.shrinkage) == (10.0, "absolute", "none")
+    assert padim.augmentation == PhotometricAugmentation(copies=1)
+    # A key left out of an augmentation mapping keeps the section's default, not "no augmentation".
+    assert load_config(None, ["padim.augmentation={noise: 0.01}"]).padim.augmentation == PhotometricAugmentation(copies=1, noise=0.01)
+    assert load_config(None, ["padim.augmentation.copies=0"]).padim.augmentation.copies == 0
+    assert load_config(None, ["padim.augmentation=null"]).padim.augmentation.copies == 0
+    for path in (CONFIGS / "demo.yaml", CONFIGS / "experiment_config.yaml"):
+        values = yaml.safe_load(path.read_text())["padim"]
+        assert (values["regularization"], values["augmentation"]) == (10.0, {"copies": 1}), path
 
 
 def test_every_kind_has_a_section_whose_settings_its_class_takes():
