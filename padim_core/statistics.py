@@ -1,0 +1,104 @@
+"""A PaDiM model's sufficient statistics, kept beside the model so that it can grow.
+
+The Gaussians are finalised from running sums (count, sum, sum of outer products, in float64;
+`gaussian.GaussianAccumulator`). The model file keeps only what scoring needs (mean, inverse
+covariance); this file keeps the sums, so new normal images are added exactly, by addition,
+without refitting the images already seen. The sums of outer products are symmetric: only their
+upper triangle is stored.
+
+The file also names what the sums were made with (backbone, layers, channel index, image size,
+grid), so an update can refuse images embedded differently, and it can carry the split manifest
+of the fit.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load, save
+
+from padim_core import safe_write
+from padim_core.errors import ModelFileError
+from padim_core.gaussian import GaussianAccumulator
+
+FORMAT = "padim-statistics"
+FORMAT_VERSION = 1
+METADATA_KEY = "padim_statistics"
+FINGERPRINT = ("kind", "backbone", "layers", "image_size", "grid_shape", "n_features", "embedding_size", "pretrained")
+"""What must agree between the statistics and a model (and a config) for their embeddings to add up."""
+
+
+def fingerprint(model: Any) -> dict[str, Any]:
+    """What a PaDiM model's embeddings depend on (its channel index is compared as a tensor)."""
+    return {
+        "kind": model.kind, "backbone": model.backbone, "layers": list(model.layers), "image_size": list(model.image_size),
+        "grid_shape": list(model.grid_shape_), "n_features": model.n_features, "embedding_size": model.embedding_size,
+        "pretrained": model.pretrained,
+    }
+
+
+def encode_statistics(accumulator: GaussianAccumulator, model: Any, manifest: dict[str, Any] | None = None) -> bytes:
+    """The statistics file's bytes for `accumulator`, made by the embeddings of `model`."""
+    rows, columns = torch.triu_indices(accumulator.channels, accumulator.channels)
+    tensors = {}
+    for name, value in accumulator.tensors().items():
+        tensors[name] = (value[:, rows, columns] if name == "outer" else value).detach().cpu().contiguous()
+    tensors["channel_index"] = model.channel_index.cpu().contiguous()
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **fingerprint(model), "count": accumulator.count,
+            "manifest": manifest}
+    return save(tensors, metadata={METADATA_KEY: json.dumps(meta)})
+
+
+def write_statistics(path: str | Path, accumulator: GaussianAccumulator, model: Any,
+                     manifest: dict[str, Any] | None = None) -> Path:
+    """Write the statistics file atomically."""
+    return safe_write.write_file(path, encode_statistics(accumulator, model, manifest))
+
+
+def read_statistics(source: str | Path | bytes) -> tuple[GaussianAccumulator, dict[str, Any], torch.Tensor]:
+    """(the sums, the file's metadata, the channel index) from a path or the file's bytes."""
+    where = f"<{len(source)} bytes>" if isinstance(source, bytes) else str(source)
+    try:
+        data = source if isinstance(source, bytes) else Path(source).read_bytes()
+    except OSError as error:
+        raise ModelFileError(f"statistics file {where}: cannot be read ({error.strerror or error})") from None
+    try:
+        tensors = load(data)
+        meta = json.loads(_metadata(data)[METADATA_KEY])
+    except (SafetensorError, ValueError, KeyError, TypeError) as error:
+        raise ModelFileError(f"statistics file {where}: not a padim statistics file ({error})") from None
+    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+        raise ModelFileError(f"statistics file {where}: format {meta.get('format')!r} version "
+                             f"{meta.get('format_version')!r}, expected {FORMAT!r} version {FORMAT_VERSION}")
+    channel_index = tensors.pop("channel_index")
+    channels = meta["n_features"]
+    grid = tuple(meta["grid_shape"])
+    rows, columns = torch.triu_indices(channels, channels)
+    packed = tensors.pop("outer")
+    outer = torch.zeros(packed.shape[0], channels, channels, dtype=packed.dtype)
+    outer[:, rows, columns] = packed
+    outer[:, columns, rows] = packed
+    try:
+        accumulator = GaussianAccumulator(grid_shape=grid, count=int(meta["count"]), outer=outer, **tensors)
+    except TypeError as error:
+        raise ModelFileError(f"statistics file {where}: its sums do not fit this padim ({error})") from None
+    return accumulator, meta, channel_index
+
+
+def check_compatible(meta: dict[str, Any], channel_index: torch.Tensor, model: Any, where: str) -> None:
+    """Refuse statistics made by other embeddings than `model`'s: name every difference."""
+    expected = fingerprint(model)
+    different = [f"{key} {meta.get(key)!r} (the model: {expected[key]!r})" for key in FINGERPRINT if meta.get(key) != expected[key]]
+    if not torch.equal(channel_index, model.channel_index.cpu()):
+        different.append("the channel index")
+    if different:
+        raise ModelFileError(f"{where}: these statistics were made with other embeddings: {'; '.join(different)}")
+
+
+def _metadata(data: bytes) -> dict[str, str]:
+    length = int.from_bytes(data[:8], "little")
+    return json.loads(data[8 : 8 + length]).get("__metadata__") or {}
