@@ -34,10 +34,12 @@ def shard_count(setting: str | int, images: int, batch_size: int) -> int:
 
 
 def split(images: Sequence[Path], shards: int, batch_size: int) -> list[list[Path]]:
-    """`shards` consecutive parts made of whole batches, as even as batches allow. Each image then
-    goes through the network in the same batch as in a single-task fit: a CPU's convolution
-    algorithm can differ with the batch size, and the sums would differ in the last bits."""
+    """`shards` consecutive parts made of whole batches (fewer when there are fewer batches), as even
+    as batches allow. Each image then goes through the network in the same batch as in a
+    single-task fit: a CPU's convolution algorithm can differ with the batch size, and the sums
+    would differ in the last bits."""
     batches = [list(images[start : start + batch_size]) for start in range(0, len(images), batch_size)]
+    shards = max(1, min(shards, len(batches)))
     per_shard, extra = divmod(len(batches), shards)
     parts, start = [], 0
     for index in range(shards):
