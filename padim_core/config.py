@@ -18,10 +18,15 @@ from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import yaml
 
+from padim_core.augmentation import MAX_COPIES, PhotometricAugmentation
 from padim_core.backbones import get_backbone
 from padim_core.coreset import DEFAULT_CHUNK_PATCHES, DEFAULT_PROJECTION_DIM
+from padim_core.datasets import MvtecCategory
 from padim_core.detector import KINDS, Detector, detector_class
 from padim_core.errors import BackboneError, ConfigError
+from padim_core.manifest import SplitManifest, category_manifest
+from padim_core.features import EMBEDDINGS
+from padim_core.gaussian import REGULARIZATION_SCALES, SHRINKAGE
 from padim_core.model_file import MAX_IMAGE_SIDE
 from padim_core.shifts import SHIFTS
 
@@ -82,6 +87,43 @@ class Section:
         object.__setattr__(self, name, check(f"{self.section}.{name}", getattr(self, name), *args))
 
 
+def check_augmentation(key: str, value: Any) -> PhotometricAugmentation:
+    """A detector's `augmentation` mapping (any key left out keeps its default)."""
+    if isinstance(value, PhotometricAugmentation):
+        return value
+    if value is None:
+        return PhotometricAugmentation()
+    known = [item.name for item in dataclasses.fields(PhotometricAugmentation)]
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{key}: expected a mapping with keys {known}, got {describe_value(value)}")
+    for name in value:
+        if name not in known:
+            raise ConfigError(f"{key}.{name}: unknown key; known keys: {known}")
+    values = dict(value)
+    checks = {
+        "copies": lambda v: check_int(f"{key}.copies", v, 0, MAX_COPIES),
+        "brightness": lambda v: check_float(f"{key}.brightness", v, "0 <= x < 1 (factors 1 - x to 1 + x)", lambda x: 0 <= x < 1),
+        "contrast": lambda v: check_float(f"{key}.contrast", v, "0 <= x < 1 (factors 1 - x to 1 + x)", lambda x: 0 <= x < 1),
+        "noise": lambda v: check_float(f"{key}.noise", v, "0 <= sigma <= 1 (fraction of full scale)", lambda x: 0 <= x <= 1),
+        "jpeg_quality": lambda v: check_int(f"{key}.jpeg_quality", v, 1, 100),
+        "seed": lambda v: check_int(f"{key}.seed", v, 0),
+    }
+    for name, check in checks.items():
+        if name in values:
+            values[name] = check(values[name])
+    if "colour_temperature" in values:
+        bounds = values["colour_temperature"]
+        allowed = "[low, high] kelvin, 1000 <= low <= high <= 40000"
+        if not isinstance(bounds, (list, tuple)) or len(bounds) != 2:
+            raise ConfigError(f"{key}.colour_temperature: expected {allowed}, got {describe_value(bounds)}")
+        low, high = (check_float(f"{key}.colour_temperature[{i}]", bound, allowed, lambda x: 1000 <= x <= 40000)
+                     for i, bound in enumerate(bounds))
+        if low > high:
+            raise ConfigError(f"{key}.colour_temperature: {list(bounds)} has low above high; allowed: {allowed}")
+        values["colour_temperature"] = (low, high)
+    return PhotometricAugmentation(**values)
+
+
 class DetectorSection(Section):
     """A detector's section: its fields are the detector's constructor arguments."""
 
@@ -100,10 +142,14 @@ class PadimConfig(DetectorSection):
     n_features: int = 100
     distance_metric: str = "mahalanobis"  # the only one PaDiM defines; recorded in the model file
     image_size: int | tuple[int, int] = 256  # square side, or (height, width)
-    regularization: float = 0.01
+    embedding: str = "random_subset"  # or semi_orthogonal (Kim et al. 2021): n_features dimensions either way
+    shrinkage: str = "none"  # or oas, ledoit_wolf: each covariance pulled towards its average variance
+    regularization: float = 0.01  # added to every covariance diagonal...
+    regularization_scale: str = "absolute"  # ...as is, or times the average variance: location_variance, global_variance
     seed: int = 0
     pretrained: bool = True  # false: a randomly initialised backbone (baselines only)
     blur_sigma: float = 4.0
+    augmentation: PhotometricAugmentation = field(default_factory=PhotometricAugmentation)  # fit-time copies
 
     def __post_init__(self) -> None:
         spec = _check_backbone(self)
@@ -115,7 +161,10 @@ class PadimConfig(DetectorSection):
                 f"{spec.name} layers {list(self.layers)}; allowed: 1 to {size}"
             )
         self._check("distance_metric", check_str, ("mahalanobis",))
+        self._check("embedding", check_str, EMBEDDINGS)
+        self._check("shrinkage", check_str, SHRINKAGE)
         self._check("regularization", check_float, ">= 0", lambda v: v >= 0)
+        self._check("regularization_scale", check_str, REGULARIZATION_SCALES)
         self._check("seed", check_int, 0)
 
     @property
@@ -141,6 +190,7 @@ class PatchcoreConfig(DetectorSection):
     chunk_patches: int = DEFAULT_CHUNK_PATCHES  # patches reduced at a time: fit memory and coreset quality
     pretrained: bool = True
     blur_sigma: float = 4.0
+    augmentation: PhotometricAugmentation = field(default_factory=PhotometricAugmentation)  # fit-time copies
 
     def __post_init__(self) -> None:
         _check_backbone(self)
@@ -182,6 +232,7 @@ def _check_backbone(section: DetectorSection) -> Any:
         raise ConfigError(f"{name}.image_size: expected {allowed}, got {describe_value(value)}")
     section._check("pretrained", check_bool)
     section._check("blur_sigma", check_float, ">= 0 (0: no blur)", lambda v: v >= 0)
+    section._check("augmentation", check_augmentation)
     return spec
 
 
@@ -213,14 +264,39 @@ class DataConfig(Section):
 
 @dataclass(frozen=True)
 class CalibrationConfig(Section):
-    """How the decision threshold is chosen."""
+    """Which normal images calibrate the threshold, and the false-alarm rate it guarantees.
+
+    The calibration images are held out from the fit (`padim_core.manifest`): a seeded
+    `fraction` of `train/good`, or the normal images of `folder/<category>/`, or the split of a
+    `manifest` written by an earlier fit (a file, or a folder of `<category>.json`).
+    """
 
     section: ClassVar[str] = "calibration"
 
-    threshold_quantile: float = 0.99  # threshold = this quantile of the normal images' scores
+    fraction: float = 0.2  # share of train/good held out for calibration (without folder or manifest)
+    seed: int = 0  # which images the fraction holds out
+    false_alarm_rate: float | str | None = None  # alpha; null or "auto": 0.01 if the count allows, else 1/(n+1)
+    folder: str | None = None  # <folder>/<category>/: normal calibration images; all of train/good fits
+    manifest: str | None = None  # a split manifest file, or a folder of <category>.json
 
     def __post_init__(self) -> None:
-        self._check("threshold_quantile", check_float, "0 < quantile <= 1", lambda v: 0 < v <= 1)
+        self._check("fraction", check_float, "0 < fraction < 1", lambda v: 0 < v < 1)
+        self._check("seed", check_int, 0)
+        if self.false_alarm_rate == "auto":
+            object.__setattr__(self, "false_alarm_rate", None)
+        if self.false_alarm_rate is not None:
+            self._check("false_alarm_rate", check_float, "0 < rate < 1, or null/auto", lambda v: 0 < v < 1)
+        for name in ("folder", "manifest"):
+            if getattr(self, name) is not None:
+                self._check(name, check_str)
+        if self.folder is not None and self.manifest is not None:
+            raise ConfigError("calibration.folder and calibration.manifest: give one of them, not both "
+                              "(a manifest already names its calibration images)")
+
+    def split(self, category: MvtecCategory, min_fit: int = 1) -> SplitManifest:
+        """The category's fit / calibration / test split this section describes (see `padim_core.manifest`)."""
+        return category_manifest(category, fraction=self.fraction, seed=self.seed, folder=self.folder,
+                                 manifest=self.manifest, min_fit=min_fit)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import importlib
 import math
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterable, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ from torch import nn
 
 from padim_core import __version__
 from padim_core.acceleration import optimize_for_inference, resolve_device
+from padim_core.augmentation import PhotometricAugmentation
 from padim_core.backbones import FeatureExtractor, get_backbone
 from padim_core.calibration import Calibration
 from padim_core.errors import ModelFileError
@@ -70,10 +71,15 @@ class Detector(ABC):
     """The interface every detector kind implements; shared machinery lives here."""
 
     kind: ClassVar[str]
+    min_fit_images: ClassVar[int] = 1  # fewer normal images than this cannot be fitted
 
     def __init__(self, backbone: str, layers: Sequence[str] | None, image_size: int | Sequence[int], blur_sigma: float,
-                 pretrained: bool, device: str | torch.device | None) -> None:
-        """The settings every kind shares; each kind's own `__init__` gives their defaults."""
+                 pretrained: bool, device: str | torch.device | None,
+                 augmentation: PhotometricAugmentation | Mapping[str, Any] | None = None) -> None:
+        """The settings every kind shares; each kind's own `__init__` gives their defaults.
+
+        `augmentation` (a `PhotometricAugmentation`, its mapping, or None for none) changes only
+        what `fit` sees: the fit's batches then must be uint8 pixels."""
         spec = get_backbone(backbone)
         self.backbone = backbone
         self.layers = spec.validate_layers(layers or spec.default_layers[self.kind])
@@ -84,6 +90,8 @@ class Detector(ABC):
         if isinstance(blur_sigma, bool) or not isinstance(blur_sigma, (int, float)) or not math.isfinite(blur_sigma) or blur_sigma < 0:
             raise ValueError(f"blur_sigma must be a finite number >= 0, got {blur_sigma!r}")
         self.blur_sigma = float(blur_sigma)
+        self.augmentation = (augmentation if isinstance(augmentation, PhotometricAugmentation)
+                             else PhotometricAugmentation.from_dict(augmentation))
         self.pretrained = pretrained
         self.normalization = {"mean": list(spec.mean), "std": list(spec.std)}
         self.device = resolve_device(device)
@@ -195,7 +203,7 @@ class Detector(ABC):
             "grid_shape": list(self.grid_shape_) if self.grid_shape_ else None,
             "normalization": self.normalization,
             "blur_sigma": self.blur_sigma,
-            "settings": self._settings(),
+            "settings": {**self._settings(), "augmentation": self.augmentation.to_dict()},
             "n_train": self.n_train_,
             "calibration": None if self.calibration_ is None else self.calibration_.to_dict(),
             "score_stats": self.score_stats_,
@@ -220,11 +228,12 @@ class Detector(ABC):
         if cls is not Detector and kind_class is not cls:
             raise ModelFileError(f"{file.where} holds a {file.kind} model, not {cls.kind}")
         meta = file.metadata
-        common = dict(
-            backbone=meta["backbone"], layers=meta["layers"], image_size=meta["image_size"],
-            blur_sigma=meta["blur_sigma"], pretrained=meta["pretrained"], device=device,
-        )
         try:
+            common = dict(
+                backbone=meta["backbone"], layers=meta["layers"], image_size=meta["image_size"],
+                blur_sigma=meta["blur_sigma"], pretrained=meta["pretrained"], device=device,
+                augmentation=PhotometricAugmentation.from_dict(meta["settings"].get("augmentation")),
+            )
             detector = kind_class._from_file(file, common, device)
         except (KeyError, TypeError, ValueError) as error:
             raise ModelFileError(f"{file.where}: settings do not describe a usable {file.kind} model ({error})") from None

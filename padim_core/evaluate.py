@@ -1,7 +1,7 @@
-"""Fit one category on its normal images, score its test split, report accuracy and speed.
+"""Fit one category on its normal images, calibrate on held-out ones, judge on its test split.
 
     padim-evaluate CATEGORY_DIR [--config FILE] [--detector KIND] [--backbone NAME]
-                   [--image-size N] [--device cpu|cuda|auto] [--json OUT]
+                   [--image-size N] [--device cpu|cuda|auto] [--json OUT] [--manifest OUT]
 """
 
 from __future__ import annotations
@@ -19,21 +19,16 @@ from typing import Sequence
 import numpy as np
 
 from padim_core import safe_write
-from padim_core.calibration import Calibration
+from padim_core.calibration import Calibration, resolve_false_alarm_rate
 from padim_core.command_line import command_parser
 from padim_core.config import ExperimentConfig, config_from_dict, read_values
 from padim_core.datasets import MvtecCategory
-from padim_core.detector import Detector
+from padim_core.detector import Detector, detector_class
 from padim_core.errors import PadimError
 from padim_core.images import load_mask
 from padim_core.loader import image_batches
-from padim_core.metrics import (
-    aupro,
-    f1_threshold,
-    image_auroc,
-    pixel_auroc,
-    quantile_threshold,
-)
+from padim_core.manifest import SplitManifest
+from padim_core.metrics import aupro, f1_threshold, image_auroc, pixel_auroc
 from padim_core.scoring import score_all
 
 log = logging.getLogger(__name__)
@@ -41,9 +36,10 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Evaluation:
-    """A fitted, calibrated detector with its test-split figures and per-image results."""
+    """A fitted, calibrated detector with its split, its test-split figures and per-image results."""
 
     model: Detector
+    split: SplitManifest
     metrics: dict[str, float | int | str | None]
     sources: list[Path]
     defects: list[str]
@@ -61,14 +57,28 @@ def fit_detector(model: Detector, images: Sequence[Path], batch_size: int, worke
 
 
 def evaluate_category(category: MvtecCategory, config: ExperimentConfig, device: str | None = None,
-                      kind: str | None = None) -> Evaluation:
-    """Fit on `train/good`, then score and calibrate on the test split when there is one."""
+                      kind: str | None = None, split: SplitManifest | None = None) -> Evaluation:
+    """Fit on the split's fit images, calibrate on its held-out normal images, judge on its test images.
+
+    `split` defaults to the one the config's `calibration` section describes. The test split
+    plays no part in the model: the threshold is conformal on the calibration images, and the
+    F1-optimal cut on the test split is reported as `oracle_f1_threshold` only.
+    """
     reset_peak_rss()
     model = config.build_detector(kind, device)
+    split = split or config.calibration.split(category, model.min_fit_images)
+    rate, warning = resolve_false_alarm_rate(config.calibration.false_alarm_rate, len(split.calibration))
+    if warning:
+        log.warning("%s: %s", category.name, warning)
     batch_size, workers = config.data.batch_size, config.data.num_workers
-    log.info("%s: fitting %s on %d images", category.name, model.kind, len(category.train_images))
-    fit_seconds = fit_detector(model, category.train_images, batch_size, workers)
-    samples = list(category.test_samples)
+    fit_images = split.paths("fit")
+    log.info("%s: fitting %s on %d images (%s)", category.name, model.kind, len(fit_images), split.method)
+    fit_seconds = fit_detector(model, fit_images, batch_size, workers)
+    normal, normal_maps = score_all(model, split.paths("calibration"), batch_size, workers)
+    calibration = Calibration.conformal(normal, rate)
+    model.calibrate(calibration, normal_score_mean=float(normal.mean()), normal_score_max=float(normal.max()),
+                    map_min=float(normal_maps.min()), map_max=float(normal_maps.max()))
+    samples = split.test_samples()
     sources = [sample.path for sample in samples]
     started = time.perf_counter()
     scores, maps = score_all(model, sources, batch_size, workers)
@@ -77,43 +87,35 @@ def evaluate_category(category: MvtecCategory, config: ExperimentConfig, device:
     masks = np.zeros(maps.shape, dtype=bool)
     for i, sample in enumerate(samples):
         masks[i] = load_mask(sample.mask_path, model.image_size)
+    flagged = calibration.is_anomalous(scores)
     metrics: dict[str, float | int | str | None] = {
         "image_auroc": None,
         "pixel_auroc": None,
         "aupro": None,
-        "threshold": None,
-        "threshold_method": None,
-        "n_train": len(category.train_images),
+        "threshold": calibration.threshold,
+        "threshold_method": f"{calibration.method} on {calibration.count} held-out normal images",
+        "false_alarm_rate": calibration.false_alarm_rate,
+        "realised_false_alarm_rate": float(flagged[labels == 0].mean()) if (labels == 0).any() else None,
+        "recall": float(flagged[labels == 1].mean()) if (labels == 1).any() else None,
+        "oracle_f1_threshold": None,
+        "n_train": len(fit_images),
+        "n_calibration": calibration.count,
         "n_test": len(samples),
         "fit_seconds": fit_seconds,
-        "fit_images_per_second": len(category.train_images) / fit_seconds,
+        "fit_images_per_second": len(fit_images) / fit_seconds,
         "predict_images_per_second": len(samples) / predict_seconds if samples else None,
         "model_size_mb": len(model.to_bytes()) / 1e6,
     }
-    normal = scores[labels == 0]
-    if len(normal):
-        quantile = config.calibration.threshold_quantile
-        metrics.update(threshold=quantile_threshold(normal, quantile), threshold_method=f"quantile {quantile} of normal test scores")
-    if len(normal) and (labels == 1).any():
+    if (labels == 0).any() and (labels == 1).any():
         metrics["image_auroc"] = image_auroc(labels, scores)
-        threshold, _ = f1_threshold(labels, scores)
-        metrics.update(threshold=threshold, threshold_method="F1-optimal on the test split")
+        metrics["oracle_f1_threshold"] = f1_threshold(labels, scores)[0]
         # Defective images without a ground-truth mask cannot be judged pixel by pixel.
         judged = (labels == 0) | np.array([sample.mask_path is not None for sample in samples])
         if masks[judged].any():
             metrics["pixel_auroc"] = pixel_auroc(masks[judged], maps[judged])
             metrics["aupro"] = aupro(masks[judged], maps[judged])
-    if metrics["threshold"] is not None:
-        calibration = Calibration(str(metrics["threshold_method"]), float(metrics["threshold"]), tuple(sorted(map(float, normal))))
-        model.calibrate(
-            calibration,
-            normal_score_mean=float(normal.mean()),
-            normal_score_max=float(normal.max()),
-            map_min=float(maps.min()),
-            map_max=float(maps.max()),
-        )
     metrics["peak_rss_mb"] = peak_rss_mb()
-    return Evaluation(model, metrics, sources, [s.defect for s in samples], labels, scores, maps, masks)
+    return Evaluation(model, split, metrics, sources, [s.defect for s in samples], labels, scores, maps, masks)
 
 
 def reset_peak_rss() -> None:
@@ -143,9 +145,11 @@ def peak_rss_mb() -> float:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = command_parser(
         "padim-evaluate",
-        "Fit one detector on a category's train/good images, score its test split, and print image AUROC, pixel "
-        "AUROC, AUPRO, the threshold and fit/predict speed. Runs in this process (no Ray, no MLflow); sections of "
-        "the config that belong to the jobs are not read. Exit 0: done; 1: failed; 2: bad arguments or data.",
+        "Fit one detector on a category's train/good images less the held-out calibration images (config section "
+        "calibration), set the conformal threshold on those, score the test split, and print image AUROC, pixel "
+        "AUROC, AUPRO, the threshold, the realised false-alarm rate and recall at it, and fit/predict speed. Runs in "
+        "this process (no Ray, no MLflow); sections of the config that belong to the jobs are not read. Exit 0: "
+        "done; 1: failed; 2: bad arguments or data.",
         "padim-evaluate ../shared/data/mvtec_ad/bottle --config configs/demo.yaml --image-size 256",
     )
     parser.add_argument("category_dir", type=Path, help="an MVTec AD category folder (train/good, test/<defect>)")
@@ -155,6 +159,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, help="override the detector's image_size")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    parser.add_argument("--manifest", type=Path, help="also write the split manifest (fit, calibration, test files) here")
     return parser.parse_args(argv)
 
 
@@ -176,11 +181,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.info("not read by padim-evaluate (they configure the jobs): %s", ", ".join(others))
         config = config_from_dict(values, ExperimentConfig, others=others)
         category = MvtecCategory.from_folder(args.category_dir)
+        split = config.calibration.split(category, detector_class(config.detector).min_fit_images)
+        resolve_false_alarm_rate(config.calibration.false_alarm_rate, len(split.calibration))
     except PadimError as error:
         print(f"padim-evaluate: error: {error}", file=sys.stderr)
         return 2
     try:
-        evaluation = evaluate_category(category, config, args.device)
+        evaluation = evaluate_category(category, config, args.device, split=split)
     except PadimError as error:
         print(f"padim-evaluate: failed: {error}", file=sys.stderr)
         return 1
@@ -191,6 +198,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{key:<{width}}  {shown}")
     if args.json:
         safe_write.write_file(args.json, json.dumps(figures, indent=2) + "\n")
+    if args.manifest:
+        split.save(args.manifest)
     return 0
 
 

@@ -1,4 +1,12 @@
-"""PaDiM's multi-scale patch embedding with a fixed random subset of channels."""
+"""PaDiM's multi-scale patch embedding, reduced to `n_features` dimensions one of two ways.
+
+- `random_subset` (Defard et al., ICPR 2021): a fixed, seeded random subset of the channels.
+- `semi_orthogonal` (Kim, Jeong, Kim & Hwang, "Semi-orthogonal Embedding for Efficient
+  Unsupervised Anomaly Segmentation", arXiv 2105.14737, 2021): every channel, projected by a
+  fixed random matrix W `[E, n_features]` with orthonormal columns (the Q of a seeded Gaussian
+  matrix's QR). The Mahalanobis distance in W's span approximates the full embedding's better
+  than a subset of the axes does, at the same width and cost of the covariance.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +24,20 @@ def random_channel_index(embedding_size: int, n_features: int, seed: int) -> tor
     return torch.randperm(embedding_size, generator=generator)[:n_features].sort().values
 
 
+EMBEDDINGS = ("random_subset", "semi_orthogonal")
+
+
+def semi_orthogonal_matrix(embedding_size: int, n_features: int, seed: int) -> torch.Tensor:
+    """A seeded `[embedding_size, n_features]` float32 matrix with orthonormal columns."""
+    if not 0 < n_features <= embedding_size:
+        raise ValueError(f"n_features must be between 1 and the embedding size {embedding_size}, got {n_features}")
+    generator = torch.Generator().manual_seed(seed)
+    gaussian = torch.randn(embedding_size, n_features, generator=generator, dtype=torch.float64)
+    q, r = torch.linalg.qr(gaussian)
+    # Fix the signs (QR is unique up to them) so the matrix does not depend on the LAPACK build.
+    return (q * torch.sign(torch.diagonal(r))).float()
+
+
 def nearest_index(source: int, target: int) -> torch.Tensor:
     """Source rows that nearest-neighbour resizing picks for each target row (as `interpolate` does)."""
     return (torch.arange(target, dtype=torch.float64) * (source / target)).floor().long().clamp_max(source - 1)
@@ -24,6 +46,9 @@ def nearest_index(source: int, target: int) -> torch.Tensor:
 class PatchEmbedder(nn.Module):
     """Images `[B, 3, H, W]` -> patch embeddings `[h, w, B, n_features]` on the first layer's grid.
 
+    With a `projection` `[len(channel_index), n_features]`, the selected channels are then
+    projected (the semi-orthogonal embedding selects every channel).
+
     Patch-major output is the layout both the Gaussian fit and the Mahalanobis distance want
     (one `[B, C]` matrix per location), so it is produced directly: channels are selected and
     deeper layers nearest-upsampled (row and column gathers) per layer, then one concatenation
@@ -31,7 +56,8 @@ class PatchEmbedder(nn.Module):
     `channel_index` - permuted to `[h, w, B, C]`.
     """
 
-    def __init__(self, extractor: FeatureExtractor, channel_index: torch.Tensor) -> None:
+    def __init__(self, extractor: FeatureExtractor, channel_index: torch.Tensor,
+                 projection: torch.Tensor | None = None) -> None:
         super().__init__()
         self.extractor = extractor
         sizes = extractor.channels
@@ -46,6 +72,9 @@ class PatchEmbedder(nn.Module):
         for i, (layer_start, layer_end) in enumerate(zip(starts[:-1], starts[1:])):
             chosen = channel_index[(channel_index >= layer_start) & (channel_index < layer_end)] - layer_start
             self.register_buffer(f"index_{i}", chosen)
+        if projection is not None and (projection.ndim != 2 or projection.shape[0] != channel_index.numel()):
+            raise ValueError(f"projection must be [{channel_index.numel()}, n_features], got {list(projection.shape)}")
+        self.register_buffer("projection", None if projection is None else projection.float())
         self.eval()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -62,4 +91,5 @@ class PatchEmbedder(nn.Module):
             if selected.shape[1] != width:
                 selected = selected.index_select(1, nearest_index(selected.shape[1], width).to(selected.device))
             parts.append(selected)
-        return torch.cat(parts, dim=3)
+        embedding = torch.cat(parts, dim=3)
+        return embedding if self.projection is None else torch.matmul(embedding, self.projection)

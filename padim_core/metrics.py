@@ -1,7 +1,7 @@
 """Evaluation metrics and decision thresholds.
 
 Convention used across the project: an image is anomalous when `score > threshold` (strictly
-greater). Both threshold functions return values that honour it.
+greater). `f1_threshold` returns a value that honours it.
 """
 
 from __future__ import annotations
@@ -89,22 +89,6 @@ def roc_curve_points(labels: Any, scores: Any) -> tuple[np.ndarray, np.ndarray, 
     _require_both_classes(labels, "image ROC curve")
     fpr, tpr, thresholds = roc_curve(labels, scores)
     return fpr, tpr, thresholds
-
-
-def quantile_threshold(normal_scores: Any, quantile: float = 0.99) -> float:
-    """Threshold from normal images alone: about `1 - quantile` of them score above it.
-
-    With `quantile=1` the threshold is the highest normal score, so no normal image passes
-    `score > threshold`.
-    """
-    scores = np.asarray(normal_scores, dtype=np.float64).ravel()
-    if scores.size == 0:
-        raise ValueError("normal_scores is empty; a threshold needs at least one normal image")
-    if not np.isfinite(scores).all():
-        raise ValueError(f"normal_scores hold {int((~np.isfinite(scores)).sum())} NaN or infinite values")
-    if not 0 < quantile <= 1:
-        raise ValueError(f"quantile must be in (0, 1], got {quantile}")
-    return float(np.quantile(scores, quantile, method="linear"))
 
 
 def f1_threshold(labels: Any, scores: Any) -> tuple[float, float]:

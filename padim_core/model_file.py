@@ -99,8 +99,11 @@ def _safetensors_header(data: bytes, where: str) -> dict[str, Any]:
     if len(data) < 8:
         raise not_safetensors
     (length,) = struct.unpack("<Q", data[:8])
-    if length > min(_MAX_HEADER, len(data) - 8) or not data[8:9] == b"{":
+    if length > _MAX_HEADER or not data[8:9] == b"{":
         raise not_safetensors
+    if length > len(data) - 8:
+        raise ModelFileError(f"{where}: its safetensors header needs {length} bytes but the file has {len(data) - 8} after "
+                             "the length; is it truncated?")
     try:
         header = json.loads(data[8 : 8 + length])
     except (UnicodeDecodeError, json.JSONDecodeError):

@@ -7,10 +7,11 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from padim_core.anomaly_map import MahalanobisScorer
+from padim_core.augmentation import PhotometricAugmentation
 from padim_core.backbones import get_backbone
 from padim_core.detector import Detector
-from padim_core.features import PatchEmbedder, random_channel_index
-from padim_core.gaussian import GaussianAccumulator
+from padim_core.features import EMBEDDINGS, PatchEmbedder, random_channel_index, semi_orthogonal_matrix
+from padim_core.gaussian import REGULARIZATION_SCALES, SHRINKAGE, GaussianAccumulator
 from padim_core.model_file import ModelFile, check_tensor
 
 DISTANCE_METRICS = ("mahalanobis",)
@@ -19,12 +20,18 @@ DISTANCE_METRICS = ("mahalanobis",)
 class PadimModel(Detector):
     """PaDiM for one product category.
 
-    Settings: the backbone and layers, `n_features` channels chosen at random (seeded by
-    `seed`) from their concatenation, `regularization` added to every covariance diagonal.
+    Settings: the backbone and layers; the `embedding` that reduces their concatenation to
+    `n_features` dimensions (`random_subset`: channels chosen at random, as in the paper;
+    `semi_orthogonal`: a random projection with orthonormal columns), both seeded by `seed`;
+    how each covariance is regularised (`shrinkage`: none, oas or ledoit_wolf, then
+    `regularization` on the diagonal, as is or times an average variance by
+    `regularization_scale`: see `gaussian`); fit-time `augmentation`. The defaults are the paper's PaDiM; the
+    config's defaults add what measurement chose (README, "Robustness options").
     Learned: `mean_` and `inv_covariance_` per location of the `grid_shape_` grid.
     """
 
     kind = "padim"
+    min_fit_images = 2  # a covariance needs two embeddings per location
 
     def __init__(
         self,
@@ -35,26 +42,45 @@ class PadimModel(Detector):
         *,
         seed: int = 0,
         regularization: float = 0.01,
+        regularization_scale: str = "absolute",
+        shrinkage: str = "none",
+        embedding: str = "random_subset",
         distance_metric: str = "mahalanobis",
         blur_sigma: float = 4.0,
         pretrained: bool = True,
+        augmentation: PhotometricAugmentation | dict[str, Any] | None = None,
         device: str | torch.device | None = None,
         channel_index: torch.Tensor | None = None,
+        projection: torch.Tensor | None = None,
     ) -> None:
-        super().__init__(backbone, layers, image_size, blur_sigma, pretrained, device)
-        if distance_metric not in DISTANCE_METRICS:
-            raise ValueError(f"distance_metric {distance_metric!r} is not one PaDiM defines; allowed: {list(DISTANCE_METRICS)}")
+        super().__init__(backbone, layers, image_size, blur_sigma, pretrained, device, augmentation)
+        for name, value, allowed in (("distance_metric", distance_metric, DISTANCE_METRICS), ("shrinkage", shrinkage, SHRINKAGE),
+                                     ("regularization_scale", regularization_scale, REGULARIZATION_SCALES),
+                                     ("embedding", embedding, EMBEDDINGS)):
+            if value not in allowed:
+                raise ValueError(f"{name} {value!r} is not one PaDiM defines here; allowed: {list(allowed)}")
         if regularization < 0:
             raise ValueError(f"regularization must be >= 0, got {regularization}")
         self.embedding_size = get_backbone(backbone).embedding_size(self.layers)
-        if channel_index is None:
-            channel_index = random_channel_index(self.embedding_size, n_features, seed)
+        self.embedding = embedding
+        if embedding == "semi_orthogonal":
+            channel_index = torch.arange(self.embedding_size)
+            if projection is None:
+                projection = semi_orthogonal_matrix(self.embedding_size, n_features, seed)
+            self.projection = torch.as_tensor(projection, dtype=torch.float32)
+            self.n_features = int(self.projection.shape[1])
+        else:
+            if channel_index is None:
+                channel_index = random_channel_index(self.embedding_size, n_features, seed)
+            self.projection = None
+            self.n_features = int(torch.as_tensor(channel_index).numel())
         self.channel_index = torch.as_tensor(channel_index, dtype=torch.long)
-        self.n_features = int(self.channel_index.numel())
         self.seed = seed
         self.regularization = float(regularization)
+        self.regularization_scale = regularization_scale
+        self.shrinkage = shrinkage
         self.distance_metric = distance_metric
-        self.embedder = PatchEmbedder(self.feature_extractor(seed), self.channel_index).to(self.device)
+        self.embedder = PatchEmbedder(self.feature_extractor(seed), self.channel_index, self.projection).to(self.device)
         self.mean_: torch.Tensor | None = None
         self.inv_covariance_: torch.Tensor | None = None
         self._scorer: MahalanobisScorer | None = None
@@ -65,9 +91,10 @@ class PadimModel(Detector):
         return self.run_optimized("embedder", lambda: self.embedder, self.prepare(images))
 
     def accumulate(self, batches: Iterable[torch.Tensor], into: GaussianAccumulator | None = None) -> GaussianAccumulator:
-        """Stream image batches into a Gaussian accumulator (mergeable across workers by `+`)."""
+        """Stream image batches (and their augmented copies) into a Gaussian accumulator (mergeable
+        across workers by `+`)."""
         accumulator = into
-        for batch in batches:
+        for batch in self.augmentation.expand(batches):
             embedding = self.embed(batch)
             height, width, count, channels = embedding.shape
             if accumulator is None:
@@ -79,9 +106,10 @@ class PadimModel(Detector):
 
     def fit_accumulator(self, accumulator: GaussianAccumulator) -> "PadimModel":
         """Finalise the Gaussians from (possibly merged) running sums."""
-        mean, inv_covariance = accumulator.finalize(self.regularization)
+        mean, inv_covariance = accumulator.finalize(
+            self.regularization, shrinkage=self.shrinkage, regularization_scale=self.regularization_scale)
         self._set_gaussian(mean, inv_covariance, accumulator.grid_shape)
-        self.n_train_ = accumulator.count
+        self.n_train_ = accumulator.count // self.augmentation.images_per_source
         return self
 
     def fit(self, batches: Iterable[torch.Tensor]) -> "PadimModel":
@@ -110,23 +138,30 @@ class PadimModel(Detector):
     # ------------------------------------------------------------------ persistence
     def _settings(self) -> dict[str, Any]:
         return {
-            "n_features": self.n_features, "embedding_size": self.embedding_size, "seed": self.seed,
-            "regularization": self.regularization, "distance_metric": self.distance_metric,
+            "n_features": self.n_features, "embedding_size": self.embedding_size, "embedding": self.embedding,
+            "seed": self.seed, "regularization": self.regularization, "regularization_scale": self.regularization_scale,
+            "shrinkage": self.shrinkage, "distance_metric": self.distance_metric,
         }
 
     def _state(self) -> dict[str, torch.Tensor]:
-        return {
-            "mean": self.mean_.float(), "inv_covariance": self.inv_covariance_.float(), "channel_index": self.channel_index,
-        }
+        reduction = {"projection": self.projection} if self.embedding == "semi_orthogonal" else {"channel_index": self.channel_index}
+        return {"mean": self.mean_.float(), "inv_covariance": self.inv_covariance_.float(), **reduction}
 
     @classmethod
     def _from_file(cls, file: ModelFile, common: dict[str, Any], device: torch.device | None) -> "PadimModel":
         settings = file.metadata["settings"]
         channels = settings["n_features"]
-        index = check_tensor(file, "channel_index", (channels,), torch.int64)
+        # Files written before the robustness options hold the paper's PaDiM: these defaults.
+        embedding = settings.get("embedding", "random_subset")
+        if embedding == "semi_orthogonal":
+            reduction = {"projection": check_tensor(file, "projection", (settings["embedding_size"], channels), torch.float32)}
+        else:
+            reduction = {"channel_index": check_tensor(file, "channel_index", (channels,), torch.int64)}
         model = cls(
             **common, n_features=channels, seed=settings["seed"], regularization=settings["regularization"],
-            distance_metric=settings["distance_metric"], channel_index=index,
+            regularization_scale=settings.get("regularization_scale", "absolute"),
+            shrinkage=settings.get("shrinkage", "none"), embedding=embedding,
+            distance_metric=settings["distance_metric"], **reduction,
         )
         if settings["embedding_size"] != model.embedding_size:
             raise ValueError(f"embedding_size {settings['embedding_size']} but layers {list(model.layers)} give {model.embedding_size}")

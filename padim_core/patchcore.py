@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from padim_core.anomaly_map import MapResizer
+from padim_core.augmentation import PhotometricAugmentation
 from padim_core.backbones import FeatureExtractor
 from padim_core.coreset import DEFAULT_CHUNK_PATCHES, DEFAULT_PROJECTION_DIM, StreamingCoreset
 from padim_core.detector import Detector
@@ -44,7 +45,9 @@ class PatchcoreModel(Detector):
 
     Settings: the backbone and layers, `coreset_ratio` of the training patches kept in the bank
     (greedy k-center in a `projection_dim` random projection, `chunk_patches` at a time, seeded by
-    `seed`), `num_neighbors` for the image score's re-weighting. Learned: `memory_bank_`.
+    `seed`), `num_neighbors` for the image score's re-weighting, fit-time `augmentation` (the
+    coreset then keeps `coreset_ratio` of the original patches' count out of all the augmented
+    ones, so the bank is no larger). Learned: `memory_bank_`.
     """
 
     kind = "patchcore"
@@ -62,9 +65,10 @@ class PatchcoreModel(Detector):
         chunk_patches: int = DEFAULT_CHUNK_PATCHES,
         blur_sigma: float = 4.0,
         pretrained: bool = True,
+        augmentation: PhotometricAugmentation | dict[str, Any] | None = None,
         device: str | torch.device | None = None,
     ) -> None:
-        super().__init__(backbone, layers, image_size, blur_sigma, pretrained, device)
+        super().__init__(backbone, layers, image_size, blur_sigma, pretrained, device, augmentation)
         if not 0 < coreset_ratio <= 1:
             raise ValueError(f"coreset_ratio must be in (0, 1], got {coreset_ratio}")
         if isinstance(num_neighbors, bool) or not isinstance(num_neighbors, int) or num_neighbors < 1:
@@ -91,13 +95,15 @@ class PatchcoreModel(Detector):
 
     def new_coreset(self) -> StreamingCoreset:
         """An empty coreset with this model's settings (shards and updates fill their own)."""
-        return StreamingCoreset(self.embedding_size, self.coreset_ratio, self.seed, self.chunk_patches, self.projection_dim)
+        ratio = self.coreset_ratio / self.augmentation.images_per_source
+        return StreamingCoreset(self.embedding_size, ratio, self.seed, self.chunk_patches, self.projection_dim)
 
     def accumulate(self, batches: Iterable[torch.Tensor], into: StreamingCoreset | None = None) -> tuple[StreamingCoreset, tuple[int, int]]:
-        """Stream image batches into a coreset; returns it with the patch grid's shape."""
+        """Stream image batches (and their augmented copies) into a coreset; returns it with the
+        patch grid's shape."""
         coreset = into or self.new_coreset()
         grid = None
-        for batch in batches:
+        for batch in self.augmentation.expand(batches):
             features = self.embed(batch)
             grid = tuple(features.shape[-2:])
             coreset.add(features.permute(0, 2, 3, 1).reshape(-1, self.embedding_size))
@@ -107,7 +113,7 @@ class PatchcoreModel(Detector):
 
     def fit(self, batches: Iterable[torch.Tensor]) -> "PatchcoreModel":
         coreset, grid = self.accumulate(batches)
-        patches_per_image = grid[0] * grid[1]
+        patches_per_image = grid[0] * grid[1] * self.augmentation.images_per_source
         return self.set_memory_bank(coreset.bank(), grid, coreset.seen // patches_per_image)
 
     def update(self, batches: Iterable[torch.Tensor], statistics: None = None) -> "PatchcoreModel":

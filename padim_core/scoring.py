@@ -21,11 +21,13 @@ from padim_core.loader import iter_image_batches
 
 @dataclass(frozen=True)
 class BatchScores:
-    """A scored batch: scores, maps and, when the model is calibrated, the decisions."""
+    """A scored batch: scores, maps and, when the model is calibrated, the decisions and (for a
+    conformal calibration) the p-values they agree with."""
 
     scores: np.ndarray  # [B] float32
     maps: torch.Tensor  # [B, H, W] float32, on the CPU
     is_anomalous: np.ndarray | None  # [B] bool; None when the model has no threshold
+    p_values: np.ndarray | None = None  # [B] float64; None unless the calibration is conformal
 
     def __len__(self) -> int:
         return len(self.scores)
@@ -35,8 +37,10 @@ def score_batch(detector: Detector, pixels: torch.Tensor) -> BatchScores:
     """Score uint8 pixels `[B, 3, H, W]` at the detector's input size."""
     scores, maps = detector.predict(pixels)
     values = scores.numpy()
-    flagged = None if detector.calibration_ is None else detector.is_anomalous(values)
-    return BatchScores(values, maps, flagged)
+    calibration = detector.calibration_
+    flagged = None if calibration is None else calibration.is_anomalous(values)
+    p_values = calibration.p_values(values) if calibration is not None and calibration.is_conformal else None
+    return BatchScores(values, maps, flagged, p_values)
 
 
 def decode_each(transform: ImageTransform, sources: Sequence[ImageSource], names: Sequence[str] | None = None

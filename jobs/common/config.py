@@ -1,7 +1,7 @@
 """The jobs' config sections, on top of the detectors' (`padim_core.config`).
 
 `tasks` sizes the Ray task of every per-category job (fit, shift, and what comes next);
-`fit` and `scoring` hold what only those jobs read; `tracking` says where MLflow runs go.
+`fit`, `scoring` and `drift` hold what only those jobs read; `tracking` says where MLflow runs go.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from padim_core.config import (
     config_from_dict,
     read_values,
 )
+from padim_core.drift import DEFAULT_ALPHA, DEFAULT_DRAWS, DEFAULT_MIN_IMAGES, DEFAULT_TRIM
 from padim_core.errors import ConfigError
 
 # MLflow's rules for registered-model aliases (mlflow.utils.validation): "latest" and "v<N>"
@@ -97,6 +98,27 @@ class ScoringConfig(Section):
 
 
 @dataclass(frozen=True)
+class DriftConfig(Section):
+    """jobs.score's drift alarm (`padim_core.drift`): a test of whether the scored images still
+    look like the calibration images, per category and job (and per input when there are several)."""
+
+    section: ClassVar[str] = "drift"
+
+    trim: float = DEFAULT_TRIM  # share of the smallest p-values left out of the statistic (where defects land)
+    alpha: float = DEFAULT_ALPHA  # alarm when the test's p-value is below this
+    min_images: int = DEFAULT_MIN_IMAGES  # fewer scored images than this: not tested
+    draws: int = DEFAULT_DRAWS  # Monte Carlo draws of the null distribution
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self._check("trim", check_float, "0 <= trim < 1", lambda v: 0 <= v < 1)
+        self._check("alpha", check_float, "0 < alpha < 1", lambda v: 0 < v < 1)
+        self._check("min_images", check_int, 1)
+        self._check("draws", check_int, 1)
+        self._check("seed", check_int, 0)
+
+
+@dataclass(frozen=True)
 class TrackingConfig(Section):
     """MLflow: where runs go and how fitted models are registered."""
 
@@ -127,6 +149,7 @@ class JobConfig(ExperimentConfig):
     tasks: TasksConfig = field(default_factory=TasksConfig)
     fit: FitConfig = field(default_factory=FitConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    drift: DriftConfig = field(default_factory=DriftConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     output: str = "outputs"
 

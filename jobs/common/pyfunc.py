@@ -108,6 +108,7 @@ def _pinned_requirements() -> list[str]:
 # No input schema: the `image` column holds paths or bytes, which one MLflow column type cannot
 # say. The outputs and the `batch_size` param are declared (undeclared params are dropped).
 PYFUNC_SIGNATURE = ModelSignature(
-    outputs=Schema([ColSpec("float", "image_score"), ColSpec("boolean", "is_anomalous"), ColSpec("string", "error")]),
+    outputs=Schema([ColSpec("float", "image_score"), ColSpec("double", "p_value"), ColSpec("boolean", "is_anomalous"),
+                    ColSpec("string", "error")]),
     params=ParamSchema([ParamSpec("batch_size", "long", 32)]),
 )

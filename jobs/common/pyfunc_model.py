@@ -17,9 +17,11 @@ from jobs.common.pyfunc import MODEL_ARTIFACT
 
 class DetectorPyfuncModel(mlflow.pyfunc.PythonModel):
     """Input: a DataFrame with a column `image` (or `path`) of image file paths or encoded image
-    bytes. Output, one row per input row, in order: `image_score` (float32), `is_anomalous`
-    (nullable bool: missing when the model has no threshold or the image could not be read)
-    and `error` (None, or why the image could not be read). A bad image is a row with an
+    bytes. Output, one row per input row, in order: `image_score` (float32), `p_value` (float64,
+    the conformal p-value against the model's calibration scores; NaN when the calibration is
+    not conformal or the image could not be read), `is_anomalous` (nullable bool: missing when
+    the model has no threshold or the image could not be read; for a conformal model exactly
+    `p_value <= false_alarm_rate`) and `error` (None, or why the image could not be read). A bad image is a row with an
     error, never a failed call. `params={"batch_size": N}` sets how many images go through
     the network at once (default 32).
     """
@@ -40,6 +42,7 @@ class DetectorPyfuncModel(mlflow.pyfunc.PythonModel):
         batch_size = int((params or {}).get("batch_size", 32))
         sources = frame[column].tolist()
         scores = np.full(len(sources), np.nan, dtype=np.float32)
+        p_values = np.full(len(sources), np.nan, dtype=np.float64)
         flagged = pd.array([None] * len(sources), dtype="boolean")
         errors: list[str | None] = [None] * len(sources)
         for start in range(0, len(sources), batch_size):  # decode a batch at a time: bounded memory
@@ -54,7 +57,10 @@ class DetectorPyfuncModel(mlflow.pyfunc.PythonModel):
             scores[rows] = batch.scores
             if batch.is_anomalous is not None:
                 flagged[rows] = batch.is_anomalous
-        return pd.DataFrame({"image_score": scores, "is_anomalous": flagged, "error": errors}, index=frame.index)
+            if batch.p_values is not None:
+                p_values[rows] = batch.p_values
+        return pd.DataFrame({"image_score": scores, "p_value": p_values, "is_anomalous": flagged, "error": errors},
+                            index=frame.index)
 
 
 mlflow.models.set_model(DetectorPyfuncModel())

@@ -10,8 +10,12 @@ process-wide "active run", which Ray workers and threads must not share.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import math
 import os
+import re
 import shlex
 import time
 import urllib.error
@@ -23,10 +27,11 @@ from typing import Any, Mapping
 import mlflow
 import yaml
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunTag
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from padim_core.errors import PadimError
+from padim_core.manifest import SplitManifest
 
 DATABASE_NAME = "mlflow.db"
 ARTIFACTS_FOLDER = "mlartifacts"
@@ -135,15 +140,22 @@ def flat_params(values: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
 
 def detector_params(config: Any, kind: str) -> dict[str, str]:
     """The child-run params of a detector: its kind and its config section, e.g. `backbone`,
-    `layers`, `image_size` (`HxW`), `n_features` (names shared by every category)."""
+    `layers`, `image_size` (`HxW`), `n_features`, `augmentation.copies` (names shared by every category)."""
     params = {"detector": kind}
     for key, value in config.detector_section(kind).detector_kwargs().items():
-        if key == "image_size":
+        if dataclasses.is_dataclass(value):  # a nested setting, e.g. augmentation.copies
+            params.update(flat_params(dataclasses.asdict(value), f"{key}."))
+        elif key == "image_size":
             height, width = (value, value) if isinstance(value, int) else value
             params[key] = f"{height}x{width}"
         else:
             params[key] = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
     return params
+
+
+def metric_segment(name: str) -> str:
+    """A name (a category) as one segment of an MLflow key: characters MLflow refuses become `_`."""
+    return re.sub(r"[^\w.\- ]", "_", name)
 
 
 def registered_name(kind: str, category: str) -> str:
@@ -180,6 +192,30 @@ def start_child_run(
     run = client.create_run(experiment_id, run_name=name, tags=tags)
     log_values(client, run.info.run_id, params=params)
     return run.info.run_id
+
+
+SPLIT_CONTEXTS = {"fit": "training", "calibration": "calibration", "test": "testing"}
+"""Split role -> the dataset context MLflow shows beside a run's dataset inputs."""
+
+
+def log_split_inputs(client: MlflowClient, run_id: str, split: SplitManifest) -> None:
+    """The split as the run's dataset inputs `<category>-fit`, `<category>-calibration` and
+    `<category>-test`, so the runs table's Dataset column names what a model was fitted,
+    calibrated and tested on. The digest covers every file's path and content hash, so two runs
+    show the same digest exactly when they used the same files."""
+    schema = json.dumps({"mlflow_colspec": [{"type": "string", "name": "path", "required": True},
+                                            {"type": "string", "name": "sha256", "required": True}]})
+    inputs = []
+    for role, context in SPLIT_CONTEXTS.items():
+        entries = getattr(split, role)
+        canonical = "\n".join(f"{entry.path}\t{entry.sha256}" for entry in entries)
+        dataset = Dataset(
+            name=f"{split.category}-{role}", digest=hashlib.sha256(canonical.encode()).hexdigest()[:32],
+            source_type="local", source=json.dumps({"uri": str(split.root)}), schema=schema,
+            profile=json.dumps({"num_rows": len(entries)}),
+        )
+        inputs.append(DatasetInput(dataset=dataset, tags=[InputTag(key=MLFLOW_DATASET_CONTEXT, value=context)]))
+    client.log_inputs(run_id, datasets=inputs)
 
 
 def log_values(

@@ -16,6 +16,7 @@ from typing import Sequence
 
 from jobs.common import cli
 from jobs.common.config import load_job_config
+from jobs.score.drift import drift_file
 from padim_core.command_line import command_parser
 from padim_core.datasets import discover_categories, list_images
 from padim_core.demo_data import build_demo_dataset
@@ -83,8 +84,10 @@ def _demo(settings: tuple[Path, Path, Path]) -> int:
     print(
         "\nDone.\n"
         f"  models:       {output / 'models'}/<detector>/<category>.safetensors\n"
+        f"  splits:       {output / 'manifests'}/<category>.json (fit, calibration, test)\n"
         f"  fit summary:  {output / 'metrics.json'}\n"
         f"  score table:  {scores} (Parquet, partitioned by category)\n"
+        f"  drift alarm:  {drift_file(scores)}\n"
         f"  MLflow UI:    .venv/bin/mlflow ui --backend-store-uri sqlite:///{output / 'mlflow.db'} "
         "--host 127.0.0.1 --port 5000  (then open http://127.0.0.1:5000)"
     )

@@ -30,6 +30,9 @@ def write_category_artifacts(evaluation: Evaluation, category: str, folder: Path
     model, labels, scores = evaluation.model, evaluation.labels, evaluation.scores
     threshold = model.threshold_
     flagged = model.is_anomalous(scores).tolist() if threshold is not None else [None] * len(scores)
+    calibration = model.calibration_
+    conformal = calibration is not None and calibration.is_conformal
+    p_values = calibration.p_values(scores).tolist() if conformal else [None] * len(scores)
     table = pa.table({
         "source": pa.array([str(path) for path in evaluation.sources], pa.string()),
         "category": pa.array([category] * len(scores), pa.string()),
@@ -37,6 +40,7 @@ def write_category_artifacts(evaluation: Evaluation, category: str, folder: Path
         "defect": pa.array(evaluation.defects, pa.string()),
         "label": pa.array(labels.astype(np.int8), pa.int8()),
         "image_score": pa.array(scores.astype(np.float32), pa.float32()),
+        "p_value": pa.array(p_values, pa.float64()),
         "is_anomalous": pa.array(flagged, pa.bool_()),
         "threshold": pa.array([threshold] * len(scores), pa.float64()),
     })

@@ -1,15 +1,20 @@
 """Fit one detector per category as Ray tasks, evaluate each, and track it all in MLflow.
 
-Each (category, detector) is one Ray task: fit on the category's `train/good`, score its test
-split, log metrics, pictures, the per-image score table and the model (registered as
-`<detector>-<category>`) to its MLflow child run under one parent run per invocation, and save the
-model to `OUTPUT/models/<detector>/<category>.safetensors`. A category that fails, fails alone: its
-run is marked FAILED with the reason and the others carry on. The driver writes
-`OUTPUT/metrics.json` and prints a table.
+Before anything runs, the driver splits each category (config section `calibration`): the
+images to fit on, the held-out normal images to calibrate on, the test images, written to
+`OUTPUT/manifests/<category>.json` with content hashes. Each (category, detector) is then one Ray
+task: fit on the fit images, set the conformal threshold on the calibration images (a normal
+image is flagged with probability at most `calibration.false_alarm_rate`), judge on the test
+split, log metrics, the split (as an artifact and as the run's dataset inputs), pictures, the
+per-image score table and the model (registered as `<detector>-<category>`) to its MLflow child
+run under one parent run per invocation, and save the model to
+`OUTPUT/models/<detector>/<category>.safetensors`. A category that fails, fails alone: its run is
+marked FAILED with the reason and the others carry on. The driver writes `OUTPUT/metrics.json`
+and prints a table.
 
 Without RAY_ADDRESS an embedded local Ray is started; without MLFLOW_TRACKING_URI (or
 tracking.tracking_uri) runs go to OUTPUT/mlflow.db. Exit 0: every fit succeeded; 1: some failed;
-2: nothing started (bad config, data root, tracking server or Ray address).
+2: nothing started (bad config, data root, split manifest, tracking server or Ray address).
 """
 
 from __future__ import annotations
@@ -31,19 +36,29 @@ from jobs.common.config import JobConfig
 from jobs.common.pyfunc import log_pyfunc_model
 from jobs.common.runner import PerCategoryJob, RunContext, TaskResult, Unit
 from jobs.fit.artifacts import write_category_artifacts
+from padim_core.calibration import resolve_false_alarm_rate
 from padim_core.command_line import command_parser
 from padim_core.datasets import MvtecCategory
+from padim_core.detector import detector_class
+from padim_core.errors import DatasetError
 from padim_core.evaluate import evaluate_category
+from padim_core.manifest import SplitManifest
 from padim_core.safe_write import write_file
 
+MANIFESTS = "manifests"
+"""OUTPUT/manifests/<category>.json: each category's split, shared by its detectors."""
+
 SUMMARY_FIELDS = (
-    "image_auroc", "pixel_auroc", "aupro", "threshold", "n_train", "n_test", "fit_seconds", "fit_images_per_second",
-    "predict_images_per_second", "model_size_mb", "peak_rss_mb",
+    "image_auroc", "pixel_auroc", "aupro", "threshold", "false_alarm_rate", "realised_false_alarm_rate", "recall",
+    "n_train", "n_calibration", "n_test", "fit_seconds", "fit_images_per_second", "predict_images_per_second",
+    "model_size_mb", "peak_rss_mb",
 )
 """Per (category, detector) figures in metrics.json and the summary table, next to `status` and `error`."""
 
 METRICS = {
     "image_auroc": "image_auroc", "pixel_auroc": "pixel_auroc", "aupro": "aupro", "threshold": "threshold",
+    "false_alarm_rate": "false_alarm_rate", "realised_false_alarm_rate": "realised_false_alarm_rate",
+    "recall": "recall", "oracle_f1_threshold": "oracle_f1_threshold",
     "fit_seconds": "fit_seconds", "images_per_second": "fit_images_per_second",
     "predict_images_per_second": "predict_images_per_second", "model_size_mb": "model_size_mb",
     "peak_rss_mb": "peak_rss_mb",
@@ -57,6 +72,7 @@ class FitRequest:
 
     unit: Unit
     folder: str
+    split: SplitManifest | None  # None when the category folder could not be split: the task says why
     config: JobConfig
     models_dir: str
     tracking_uri: str
@@ -84,18 +100,21 @@ def _fit(request: FitRequest, result: TaskResult) -> None:
     unit, run_id, config = request.unit, request.run_id, request.config
     client = MlflowClient(request.tracking_uri)
     category = MvtecCategory.from_folder(request.folder)
-    result.values.update(n_train=len(category.train_images), n_test=len(category.test_samples))
-    print(f"[{unit.label}] started: {len(category.train_images)} train + {len(category.test_samples)} test images "
-          f"on {request.device} ({result.host}, {request.threads} threads)", flush=True)
-    tracking.log_values(client, run_id, params={"n_train": len(category.train_images), "n_test": len(category.test_samples)},
+    split = request.split or config.calibration.split(category, detector_class(unit.detector).min_fit_images)
+    roles = split.counts()
+    counts = {"n_train": roles["fit"], "n_calibration": roles["calibration"], "n_test": roles["test"]}
+    result.values.update(counts)
+    print(f"[{unit.label}] started: {counts['n_train']} fit + {counts['n_calibration']} calibration + "
+          f"{counts['n_test']} test images on {request.device} ({result.host}, {request.threads} threads)", flush=True)
+    tracking.log_values(client, run_id, params={**counts, "split": split.method},
                         tags={"device": request.device, "host": result.host})
-    evaluation = evaluate_category(category, config, request.device, unit.detector)
+    client.log_text(run_id, split.to_json(), f"manifest/{unit.category}.json")
+    tracking.log_split_inputs(client, run_id, split)
+    evaluation = evaluate_category(category, config, request.device, unit.detector, split)
     figures = evaluation.metrics
     result.values.update({key: _number(figures[key]) for key in SUMMARY_FIELDS})
-    tracking.log_values(
-        client, run_id, metrics={name: figures[key] for name, key in METRICS.items()},
-        tags={"threshold_method": figures["threshold_method"] or "none: no normal test images"},
-    )
+    tracking.log_values(client, run_id, metrics={name: figures[key] for name, key in METRICS.items()},
+                        tags={"threshold_method": figures["threshold_method"]})
     with tempfile.TemporaryDirectory(prefix=f"padim-fit-{unit.category}-") as scratch:
         artifacts = Path(scratch) / "artifacts"
         write_category_artifacts(evaluation, unit.category, artifacts, config.fit.heatmap_examples)
@@ -123,14 +142,35 @@ def _number(value: Any) -> float | int | None:
 class FitJob(PerCategoryJob):
     name = "fit"
 
+    def __init__(self, config: JobConfig, config_file: Path | None, detectors: Sequence[str] = ()) -> None:
+        super().__init__(config, config_file, detectors)
+        self.splits: dict[str, SplitManifest] = {}
+
     def prepare(self) -> None:
+        """Split every category and check the calibration count supports the false-alarm rate,
+        before any fitting: a bad fraction, folder or manifest stops the job (exit 2). A listed
+        category whose folder is missing is left to fail alone in its task."""
+        min_fit = max(detector_class(kind).min_fit_images for kind in self.kinds)
+        for name in self.categories:
+            try:
+                category = MvtecCategory.from_folder(self.root / name)
+            except DatasetError:
+                continue
+            split = self.config.calibration.split(category, min_fit)
+            _, warning = resolve_false_alarm_rate(self.config.calibration.false_alarm_rate, len(split.calibration))
+            if warning:
+                self.say(f"{name}: {warning}")
+            self.splits[name] = split
         (self.output / "models").mkdir(parents=True, exist_ok=True)
+        for name, split in self.splits.items():
+            split.save(self.output / MANIFESTS / f"{name}.json")
 
     def task(self) -> Callable[[FitRequest], TaskResult]:
         return fit_unit
 
     def request(self, unit: Unit, run_id: str, context: RunContext) -> FitRequest:
-        return FitRequest(unit, str(self.root / unit.category), self.config, str(self.output / "models"),
+        return FitRequest(unit, str(self.root / unit.category), self.splits.get(unit.category), self.config,
+                          str(self.output / "models"),
                           context.tracking_uri, run_id, context.resources.device, context.resources.threads)
 
     def parent_params(self) -> dict[str, Any]:
@@ -142,7 +182,10 @@ class FitJob(PerCategoryJob):
             return f"FAILED after {seconds}: {result.error}"
         values = result.values
         auroc = "-" if values["image_auroc"] is None else f"{values['image_auroc']:.3f}"
-        return f"done in {seconds}: {values['n_train']} train + {values['n_test']} test images, image AUROC {auroc}"
+        rate = "-" if values["realised_false_alarm_rate"] is None else f"{values['realised_false_alarm_rate']:.3f}"
+        return (f"done in {seconds}: {values['n_train']} fit + {values['n_calibration']} calibration + {values['n_test']} "
+                f"test images, image AUROC {auroc}, false alarms on normal test images {rate} "
+                f"(calibrated for {values['false_alarm_rate']:.3g})")
 
     def finish(self, results: list[TaskResult], context: RunContext) -> list[str]:
         summary = {
@@ -157,11 +200,14 @@ class FitJob(PerCategoryJob):
         tracking.log_values(context.client, context.parent_id,
                             metrics={"mean_image_auroc": sum(aurocs) / len(aurocs) if aurocs else None})
         context.client.log_artifact(context.parent_id, str(self.output / "metrics.json"))
+        if self.splits:
+            context.client.log_artifacts(context.parent_id, str(self.output / MANIFESTS), MANIFESTS)
         succeeded = sum(result.ok for result in results)
         lines = [
             format_table(results), "",
             f"models:  {self.output / 'models'} ({succeeded} of {len(results)} fits)",
             f"metrics: {self.output / 'metrics.json'}",
+            f"splits:  {self.output / MANIFESTS} (fit, calibration and test files of each category)",
         ]
         if len(self.kinds) > 1 and succeeded:
             folder = write_comparison(self.output)
@@ -183,13 +229,16 @@ def metrics_by_category(results: Sequence[TaskResult]) -> dict[str, dict[str, di
 
 
 def format_table(results: Sequence[TaskResult]) -> str:
-    """One line per (category, detector), then the failure reasons, so it fits one screen."""
+    """One line per (category, detector), then the failure reasons, so it fits one screen: the
+    threshold with the false-alarm rate it was calibrated for (alpha), the rate realised on the
+    normal test images and the recall at it."""
     columns = [
         ("category", "category", "<", None), ("detector", "detector", "<", None), ("status", "status", "<", None),
-        ("train", "n_train", ">", "d"), ("test", "n_test", ">", "d"),
+        ("fit", "n_train", ">", "d"), ("test", "n_test", ">", "d"),
         ("img AUROC", "image_auroc", ">", ".3f"), ("px AUROC", "pixel_auroc", ">", ".3f"),
-        ("AUPRO", "aupro", ">", ".3f"), ("threshold", "threshold", ">", ".4g"),
-        ("fit s", "fit_seconds", ">", ".1f"), ("img/s", "fit_images_per_second", ">", ".1f"),
+        ("AUPRO", "aupro", ">", ".3f"), ("threshold", "threshold", ">", ".4g"), ("alpha", "false_alarm_rate", ">", ".3g"),
+        ("FA rate", "realised_false_alarm_rate", ">", ".3f"), ("recall", "recall", ">", ".3f"),
+        ("img/s", "fit_images_per_second", ">", ".1f"),
     ]
 
     def cell(result: TaskResult, key: str, spec: str | None) -> str:

@@ -19,6 +19,7 @@ from padim_core.images import ImageTransform
 DECODED_SCHEMA = pa.schema([
     pa.field("source", pa.string(), nullable=False),
     pa.field("category", pa.string(), nullable=False),
+    pa.field("input", pa.int32(), nullable=False),
     pa.field("pixels", pa.binary()),  # uint8 [H, W, 3] at the model's input size
     pa.field("height", pa.int32()),  # of the original image
     pa.field("width", pa.int32()),
@@ -51,8 +52,8 @@ def decode_batch(batch: pa.Table, transforms: Mapping[str, ImageTransform]) -> p
                 errors[index] = f"cannot decode image {source}: {type(error).__name__}: {error}"
     return pa.table(
         {
-            "source": sources, "category": categories, "pixels": pixels, "height": heights, "width": widths,
-            "error": errors, "skipped": batch.column("skipped").to_pylist(),
+            "source": sources, "category": categories, "input": batch.column("input").to_pylist(), "pixels": pixels,
+            "height": heights, "width": widths, "error": errors, "skipped": batch.column("skipped").to_pylist(),
         },
         schema=DECODED_SCHEMA,
     )

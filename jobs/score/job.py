@@ -4,9 +4,12 @@ Inputs are folders (recursive), globs, image files, tar/zip archives (members st
 extracted) and Parquet files with an image-bytes column, local or on any filesystem pyarrow
 understands. Ray Data reads and decodes them in parallel tasks and scores them in a pool of
 actors (`jobs.score.pipeline`); the driver streams the rows into a staging folder and moves the
-finished table into place (`jobs.score.table`): one row per image with its score, decision,
-threshold and model, or the reason it could not be read. It prints a summary and logs a scoring
-run to MLflow (by default to mlflow.db in the folder that holds the output).
+finished table into place (`jobs.score.table`): one row per image with its score, conformal
+p-value, decision, threshold and model, or the reason it could not be read. A drift alarm
+(`jobs.score.drift`) then tests, per category, whether the images still look like the model's
+calibration images: the verdicts go to `<output>.drift.json` beside the table. It prints a
+summary and logs a scoring run to MLflow (by default to mlflow.db in the folder that holds the
+output).
 
 Exit 0: the table was written (rows with errors included); 1: scoring failed; 2: nothing started
 (bad arguments, inputs, models, output folder or tracking server).
@@ -35,6 +38,7 @@ from jobs.common.catalog import ModelEntry, ModelError, resolve_models
 from jobs.common.categories import category_problem
 from jobs.common.config import JobConfig, load_job_config
 from jobs.score import table as score_table
+from jobs.score.drift import DriftCounter, drift_file, drift_metrics, write_drift_file
 from jobs.score.output import MODES, OutputFolder
 from jobs.score.pipeline import (
     ModelHandle,
@@ -176,11 +180,14 @@ def run(job: ScoreJob) -> ScoreSummary:
         dataset = build_dataset(discovery.units, discovery.inputs, router, transforms, handles, pool, options)
 
         tally = Tally(skipped=discovery.skipped, skipped_examples=list(discovery.skipped_examples))
+        drift = DriftCounter({name: entry.calibration for name, entry in catalog.items()})
         writer = score_table.ScoreTableWriter(folder.staging, job.schema, folder.job_id, run_id)
         started = last_report = time.perf_counter()
         first_rows: tuple[float, int] | None = None
         for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-            writer.write(tally.add(batch))
+            rows = tally.add(batch)
+            drift.add(rows)
+            writer.write(rows)
             if first_rows is None and tally.images:
                 first_rows = (time.perf_counter() - started, tally.images)
             if time.perf_counter() - last_report >= PROGRESS_SECONDS:
@@ -193,6 +200,8 @@ def run(job: ScoreJob) -> ScoreSummary:
                 f"no images in {', '.join(request.inputs)} ({tally.skipped} non-image files skipped; "
                 f"images are files named {', '.join(IMAGE_SUFFIXES)})"
             )
+        inputs = [source.text for source in discovery.inputs]
+        verdicts = drift.results(inputs, request.config.drift, {name: part.scored for name, part in tally.categories.items()})
         folder.publish()
     except BaseException as error:
         if run_id is not None:
@@ -209,12 +218,13 @@ def run(job: ScoreJob) -> ScoreSummary:
     summary = ScoreSummary(
         job.output, tally, {name: entry.uri for name, entry in catalog.items()},
         {name: entry.threshold for name, entry in catalog.items()}, seconds, first_rows, len(files),
-        writer.heatmaps, run_id, job.tracking_uri, job.experiment_id, dataset.stats(),
+        writer.heatmaps, run_id, job.tracking_uri, job.experiment_id, dataset.stats(), verdicts,
     )
     try:
+        write_drift_file(job.output, verdicts, folder.job_id, request.config.drift)
         _finish_run(client, run_id, summary)
     except Exception as error:  # noqa: BLE001 - the table is complete whatever MLflow says
-        print(f"padim-score: warning: the table is complete, but logging the run to MLflow failed: "
+        print(f"padim-score: warning: the table is complete, but writing its drift file or logging the run to MLflow failed: "
               f"{type(error).__name__}: {error}", file=sys.stderr, flush=True)
         with contextlib.suppress(Exception):
             tracking.end_run(client, run_id)
@@ -232,8 +242,8 @@ def _largest_node_cpus() -> float:
 
 # ------------------------------------------------------------------------------- MLflow
 def _metric_key(category: str, name: str) -> str:
-    """`<category>/<name>`, so the UI groups a category's figures; characters MLflow refuses become `_`."""
-    return re.sub(r"[^\w.\- ]", "_", category) + "/" + name
+    """`<category>/<name>`, so the UI groups a category's figures."""
+    return tracking.metric_segment(category) + "/" + name
 
 
 def _file_label(category: str) -> str:
@@ -273,11 +283,13 @@ def _finish_run(client: MlflowClient, run_id: str, summary: ScoreSummary) -> Non
     for row in summary.categories():
         for name in ("scored", "errors", "anomaly_rate"):
             metrics[_metric_key(row["category"], name)] = row[name]
-    tracking.log_values(client, run_id, metrics=metrics)
+    drift_values, drift_tags = drift_metrics(summary.drift)
+    tracking.log_values(client, run_id, metrics={**metrics, **drift_values}, tags=drift_tags)
     client.log_text(run_id, json.dumps(summary.to_dict(), indent=2), "summary.json")
     run_ids = table_run_ids(summary.output)
     client.log_text(run_id, "\n".join(run_ids) + "\n", "table_run_ids.txt")
     client.set_tag(run_id, "table_jobs", str(len(run_ids)))
+    client.log_artifact(run_id, str(drift_file(summary.output)))
     client.log_text(run_id, summary.ray_stats, "ray_data_stats.txt")
     with tempfile.TemporaryDirectory(prefix="padim-score-histograms-") as folder:
         for name, category in tally.categories.items():

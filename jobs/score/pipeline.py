@@ -110,7 +110,7 @@ class ScoreActor:
     def __call__(self, batch: pa.Table) -> pa.Table:
         count = batch.num_rows
         rows: dict[str, list[Any]] = {name: [None] * count for name in self.schema.names}
-        for name in ("source", "category", "height", "width", "error", "skipped"):
+        for name in ("source", "category", "input", "height", "width", "error", "skipped"):
             rows[name] = batch.column(name).to_pylist()
         pixels = batch.column("pixels").to_pylist()
         groups: dict[str, list[int]] = defaultdict(list)
@@ -138,8 +138,10 @@ class ScoreActor:
         batch = score_batch(model, torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2))
         maps = batch.maps
         flagged = batch.is_anomalous if batch.is_anomalous is not None else [None] * len(indices)
+        p_values = batch.p_values if batch.p_values is not None else [None] * len(indices)
         for position, index in enumerate(indices):
             rows["image_score"][index] = float(batch.scores[position])
+            rows["p_value"][index] = None if p_values[position] is None else float(p_values[position])
             rows["is_anomalous"][index] = None if flagged[position] is None else bool(flagged[position])
         if self.options.map_size is not None:
             peaks = maps.flatten(1).argmax(1).numpy()

@@ -57,6 +57,7 @@ def read_rows(unit: dict[str, Any], inputs: Sequence[Input], router: CategoryRou
         yield {
             "source": record.source,
             "category": category,
+            "input": unit["input"],
             "data": record.data if problem is None else None,
             "error": record.error or (None if record.skipped else problem),
             "skipped": record.skipped,

@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from jobs.common import tracking
+from jobs.score.drift import DriftResult, drift_file, drift_lines
 
 HISTOGRAM_SAMPLE = 100_000  # scores kept per category for its histogram (a uniform sample beyond that)
 
@@ -124,6 +125,7 @@ class ScoreSummary:
     tracking_uri: str
     experiment_id: str
     ray_stats: str = ""
+    drift: list[DriftResult] = field(default_factory=list)  # the drift alarm's verdicts
 
     @property
     def images_per_second(self) -> float:
@@ -154,6 +156,7 @@ class ScoreSummary:
             "heatmaps": self.heatmaps, "models": self.models, "categories": self.categories(),
             "skipped_examples": self.tally.skipped_examples, "error_examples": self.tally.error_examples,
             "mlflow_run_id": self.run_id, "tracking_uri": self.tracking_uri,
+            "drift": [result.to_dict() for result in self.drift],
         }
 
 
@@ -185,9 +188,12 @@ def format_summary(summary: ScoreSummary) -> str:
         lines += ["", "errors, for example:"] + [f"  {message}" for message in tally.error_examples]
     if tally.skipped_examples:
         lines += ["", "skipped (not images), for example:"] + [f"  {source}" for source in tally.skipped_examples]
+    if summary.drift:
+        lines += ["", *drift_lines(summary.drift)]
     lines += [
         "",
         f"table:   {summary.output} ({summary.files} files" + (f", {summary.heatmaps} heatmaps" if summary.heatmaps else "") + ")",
+        f"drift:   {drift_file(summary.output)}",
         f"MLflow:  run {summary.run_id}; view: {tracking.ui_hint(summary.tracking_uri, summary.experiment_id, summary.run_id)}",
     ]
     return "\n".join(lines)

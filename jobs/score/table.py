@@ -36,7 +36,8 @@ SCORE_FIELDS = [
     pa.field("source", pa.string(), nullable=False),
     pa.field("detector", pa.string()),
     pa.field("image_score", pa.float32()),
-    pa.field("is_anomalous", pa.bool_()),
+    pa.field("p_value", pa.float64()),  # conformal p-value against the model's calibration scores
+    pa.field("is_anomalous", pa.bool_()),  # score > threshold; for a conformal model, p_value <= its false-alarm rate
     pa.field("threshold", pa.float64()),
     pa.field("model_uri", pa.string()),
     pa.field("height", pa.int32()),
@@ -53,6 +54,7 @@ RUN_ID_FIELD = pa.field("run_id", pa.string(), nullable=False)  # the MLflow run
 
 # Columns that travel with each row from the scoring actors to the writer, but not into the files.
 CATEGORY_FIELD = pa.field("category", pa.string(), nullable=False)
+INPUT_FIELD = pa.field("input", pa.int32(), nullable=False)  # which --input the row came from (the drift alarm's batches)
 HEATMAP_PNG_FIELD = pa.field("heatmap_png", pa.binary())
 SKIPPED_FIELD = pa.field("skipped", pa.bool_(), nullable=False)
 
@@ -71,9 +73,9 @@ def file_schema(map_columns: bool, heatmaps: bool) -> pa.Schema:
 
 
 def row_schema(map_columns: bool, heatmaps: bool) -> pa.Schema:
-    """What the scoring actors emit: the scored columns plus category, overlay bytes and the skip flag
+    """What the scoring actors emit: the scored columns plus category, input, overlay bytes and the skip flag
     (the writer adds `run_id`)."""
-    return pa.schema([CATEGORY_FIELD, *_scored_fields(map_columns, heatmaps), HEATMAP_PNG_FIELD, SKIPPED_FIELD])
+    return pa.schema([CATEGORY_FIELD, INPUT_FIELD, *_scored_fields(map_columns, heatmaps), HEATMAP_PNG_FIELD, SKIPPED_FIELD])
 
 
 def partition_folder(category: str) -> str:

@@ -86,11 +86,28 @@ def category_plot(category: str, category_rows: Sequence[Row]) -> bytes:
     return severity_figure(panels, f"{category}: figures under domain shift")
 
 
+def compare_table(category_rows: Sequence[Row], compared_rows: Sequence[Row], labels: tuple[str, str]) -> str:
+    """A Markdown table of two configs' figures on the same shifts: `first / second` in each cell."""
+    header = ["shift", "severity", "level", *(f"{title} ({labels[0]} / {labels[1]})" for title in PANELS.values())]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    other = {(row["shift"], row["severity"]): row for row in compared_rows}
+    baseline = [row for row in category_rows if row["severity"] == 0][:1]
+    for row in [*baseline, *(row for row in category_rows if row["severity"] > 0)]:
+        twin = other.get((row["shift"], row["severity"]))
+        if twin is None:
+            continue
+        name = "(none)" if row["severity"] == 0 else row["shift"]
+        cells = [name, str(row["severity"]), _level(row), *(f"{_number(row[key])} / {_number(twin[key])}" for key in PANELS)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def report_markdown(
     results: Sequence[Mapping[str, Any]], shifts: Mapping[str, Sequence[float]], seed: int, tolerance: float,
-    plots: Mapping[str, str], source: str,
+    plots: Mapping[str, str], source: str, label: str = "defaults",
 ) -> str:
-    """The whole report: settings, then per category a summary, its plot and its table."""
+    """The whole report: settings, then per category a summary, its plot and its table (and, with
+    a compared config, its summary, plot and a side-by-side table)."""
     lines = [
         "# Domain shift report", "",
         f"Models: {source}. Seed {seed}; a shift *breaks* a category when the image or pixel AUROC falls more than "
@@ -113,10 +130,25 @@ def report_markdown(
             f"{_number(baseline['false_negative_rate'])}."
         )
         lines += ["", summary_sentence(rows, tolerance), ""]
-        label = f"{result['category']}/{result['detector']}"
-        if label in plots:
-            lines += [f"![{label}: figures against severity]({plots[label]})", ""]
+        unit = f"{result['category']}/{result['detector']}"
+        if unit in plots:
+            lines += [f"![{unit}: figures against severity]({plots[unit]})", ""]
         lines.append(figures_table(rows))
+        compare = result.get("compare")
+        if compare:
+            title = f"{unit} ({compare['config']})"
+            other = compare["figures"]
+            first = next(row for row in other if row["severity"] == 0)
+            lines += [
+                "", f"### Side by side: {label} / {compare['config']}", "",
+                f"Compared model {compare['model_uri']}. Unshifted: image AUROC {_number(first['image_auroc'])}, pixel AUROC "
+                f"{_number(first['pixel_auroc'])}; at its calibrated threshold ({_number(compare['threshold'])}) false-positive "
+                f"rate {_number(first['false_positive_rate'])}, false-negative rate {_number(first['false_negative_rate'])}.",
+                "", f"{compare['config']}: {summary_sentence(other, tolerance)}", "",
+            ]
+            if title in plots:
+                lines += [f"![{title}: figures against severity]({plots[title]})", ""]
+            lines.append(compare_table(rows, other, (label, compare["config"])))
     return "\n".join(lines) + "\n"
 
 

@@ -25,7 +25,7 @@ from padim_core.padim import PadimModel
 
 from support.paths import CONFIGS
 
-JOB_SECTIONS = ("tasks", "fit", "scoring", "tracking", "output")
+JOB_SECTIONS = ("tasks", "fit", "scoring", "drift", "tracking", "output")
 """Top-level keys of the config files that the jobs read, not padim_core."""
 
 
@@ -40,7 +40,7 @@ def test_defaults_without_a_file():
     assert config.padim.image_hw == (256, 256)
     assert config.padim.pretrained is True
     assert config.data.categories == "all"
-    assert config.calibration.threshold_quantile == 0.99
+    assert config.calibration == CalibrationConfig(fraction=0.2, seed=0, false_alarm_rate=None, folder=None, manifest=None)
     sections = {field.name for field in dataclasses.fields(config)}
     assert {"detector", "padim", "data", "calibration", "shift"} <= sections and not sections & set(JOB_SECTIONS)
 
@@ -93,7 +93,7 @@ def test_overrides_are_parsed_as_yaml():
             "padim.layers=[layer1, layer3]",
             "padim.image_size=[192, 256]",
             "data.categories=[bottle, cable]",
-            "calibration.threshold_quantile=0.95",
+            "calibration.false_alarm_rate=0.05",
             "shift.tolerance=0.1",
         ],
         others=JOB_SECTIONS,
@@ -103,16 +103,16 @@ def test_overrides_are_parsed_as_yaml():
     assert config.padim.image_size == (192, 256)
     assert config.padim.image_hw == (192, 256)
     assert config.data.categories == ("bottle", "cable")
-    assert config.calibration.threshold_quantile == 0.95
+    assert config.calibration.false_alarm_rate == 0.05
     assert config.shift.tolerance == 0.1
 
 
 def test_override_fills_an_empty_section_and_values_are_normalised(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text("padim:\n  backbone: resnet18\n  layers: [layer3, layer1]\ncalibration:\n")
-    config = load_config(path, ["calibration.threshold_quantile=1", "padim.regularization=1", "data.categories=bottle"])
+    config = load_config(path, ["calibration.false_alarm_rate=auto", "padim.regularization=1", "data.categories=bottle"])
     assert config.padim.layers == ("layer1", "layer3")  # network order
-    assert config.calibration.threshold_quantile == 1.0 and isinstance(config.calibration.threshold_quantile, float)
+    assert config.calibration.false_alarm_rate is None  # "auto" and null mean the same
     assert config.padim.regularization == 1.0 and isinstance(config.padim.regularization, float)
     assert config.data.categories == ("bottle",)
 
@@ -125,8 +125,10 @@ def test_layers_default_to_the_backbones_own():
 def test_dataclasses_validate_when_built_directly():
     with pytest.raises(ConfigError, match=r"data\.batch_size"):
         DataConfig(batch_size=0)
-    with pytest.raises(ConfigError, match=r"calibration\.threshold_quantile"):
-        CalibrationConfig(threshold_quantile=0)
+    with pytest.raises(ConfigError, match=r"calibration\.fraction"):
+        CalibrationConfig(fraction=1)
+    with pytest.raises(ConfigError, match=r"calibration\.folder and calibration\.manifest: give one of them"):
+        CalibrationConfig(folder="calibration", manifest="outputs/manifests")
     with pytest.raises(ConfigError, match=r"detector: 'nope' is not allowed; allowed: \["):
         ExperimentConfig(detector="nope")
 
@@ -144,6 +146,19 @@ def test_build_detector_gives_an_unfitted_detector_with_the_configs_settings():
         ("layer1", "layer2"), 12, (48, 64), 3, 0.0)
     assert config.build_detector("padim").channel_index.tolist() == model.channel_index.tolist()
     assert config.detector_section() is config.padim
+
+
+def test_robustness_options_reach_the_detector_and_round_trip():
+    overrides = ["padim.embedding=semi_orthogonal", "padim.shrinkage=oas", "padim.regularization_scale=location_variance",
+                 "padim.augmentation.copies=3", "padim.augmentation.colour_temperature=[5000, 8000]",
+                 "patchcore.augmentation={copies: 2, noise: 0.01}"]
+    config = load_config(None, overrides)
+    model = config.build_detector(device="cpu")
+    assert (model.embedding, model.shrinkage, model.regularization_scale) == ("semi_orthogonal", "oas", "location_variance")
+    assert model.augmentation.copies == 3 and model.augmentation.colour_temperature == (5000.0, 8000.0)
+    assert config.build_detector("patchcore").augmentation.noise == 0.01
+    assert config_from_dict(config.to_dict()) == config
+    assert yaml.safe_load(yaml.safe_dump(config.to_dict()))["padim"]["augmentation"]["colour_temperature"] == [5000.0, 8000.0]
 
 
 def test_every_kind_has_a_section_whose_settings_its_class_takes():
@@ -175,9 +190,14 @@ BAD_OVERRIDES = [
     ("data.categories=[]", ["data.categories", "[]", "list"]),
     ("data.categories=[a, a]", ["data.categories", "repeats", "distinct"]),
     ("data.batch_size=0", ["data.batch_size", "0", ">= 1"]),
-    ("calibration.threshold_quantile=0", ["calibration.threshold_quantile", "0", "0 < quantile <= 1"]),
-    ("calibration.threshold_quantile=1.5", ["calibration.threshold_quantile", "1.5", "0 < quantile <= 1"]),
-    ("calibration.quantile=0.5", ["calibration.quantile", "unknown key", "threshold_quantile"]),
+    ("calibration.false_alarm_rate=0", ["calibration.false_alarm_rate", "0", "0 < rate < 1, or null/auto"]),
+    ("calibration.false_alarm_rate=1.5", ["calibration.false_alarm_rate", "1.5", "0 < rate < 1"]),
+    ("calibration.false_alarm_rate=often", ["calibration.false_alarm_rate", "'often'", "expected a number"]),
+    ("calibration.fraction=0", ["calibration.fraction", "0", "0 < fraction < 1"]),
+    ("calibration.fraction=1.0", ["calibration.fraction", "1.0", "0 < fraction < 1"]),
+    ("calibration.seed=-1", ["calibration.seed", "-1", "integer >= 0"]),
+    ("calibration.folder=''", ["calibration.folder", "non-empty string"]),
+    ("calibration.threshold_quantile=0.5", ["calibration.threshold_quantile", "unknown key", "false_alarm_rate"]),
     ("paddim.backbone=resnet18", ["paddim", "unknown section", "padim", "calibration"]),
     ("tracking.alias=x", ["tracking", "unknown section", "padim", "shift"]),
     ("detector=patchcorn", ["detector", "patchcorn", "padim"]),
@@ -191,6 +211,16 @@ BAD_OVERRIDES = [
     ("shift.shifts.blur=2", ["shift.shifts.blur", "non-empty list of levels"]),
     ("shift.tolerance=1", ["shift.tolerance", "0 < tolerance < 1"]),
     ("padim=5", ["padim", "5", "mapping"]),
+    ("padim.shrinkage=lw", ["padim.shrinkage", "lw", "oas", "ledoit_wolf"]),
+    ("padim.regularization_scale=relative", ["padim.regularization_scale", "relative", "absolute", "global_variance"]),
+    ("padim.embedding=pca", ["padim.embedding", "pca", "random_subset", "semi_orthogonal"]),
+    ("padim.augmentation=4", ["padim.augmentation", "4", "mapping", "copies"]),
+    ("padim.augmentation.copy=4", ["padim.augmentation.copy", "unknown key", "copies"]),
+    ("padim.augmentation.copies=-1", ["padim.augmentation.copies", "-1", ">= 0 and <= 64"]),
+    ("patchcore.augmentation.brightness=1", ["patchcore.augmentation.brightness", "1", "0 <= x < 1"]),
+    ("padim.augmentation.colour_temperature=[9000, 5000]", ["padim.augmentation.colour_temperature", "low above high"]),
+    ("padim.augmentation.colour_temperature=5000", ["padim.augmentation.colour_temperature", "[low, high] kelvin"]),
+    ("padim.augmentation.jpeg_quality=0", ["padim.augmentation.jpeg_quality", "0", ">= 1 and <= 100"]),
     ("padim.n_features", ["padim.n_features", "malformed", "key.sub=value"]),
     ("=5", ["=5", "malformed"]),
     ("data.categories=[a, b", ["data.categories=[a, b", "not valid YAML"]),

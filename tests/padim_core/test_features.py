@@ -64,3 +64,29 @@ def test_a_layer_without_chosen_channels_is_left_out():
         layer2 = extractor(images)[1]
         expected = F.interpolate(layer2, size=(16, 16), mode="nearest").index_select(1, torch.tensor([0, 6, 127]))
         assert torch.equal(embedder(images), expected.permute(2, 3, 0, 1))
+
+
+def test_semi_orthogonal_matrix_has_orthonormal_columns_and_is_seeded():
+    from padim_core.features import semi_orthogonal_matrix
+
+    matrix = semi_orthogonal_matrix(176, 100, seed=0)
+    assert matrix.shape == (176, 100) and matrix.dtype == torch.float32
+    torch.testing.assert_close(matrix.T @ matrix, torch.eye(100), rtol=0, atol=1e-5)
+    assert torch.equal(matrix, semi_orthogonal_matrix(176, 100, seed=0))
+    assert not torch.equal(matrix, semi_orthogonal_matrix(176, 100, seed=1))
+    with pytest.raises(ValueError, match="between 1 and the embedding size 176"):
+        semi_orthogonal_matrix(176, 177, seed=0)
+
+
+def test_projected_embedding_is_the_full_embedding_times_the_matrix():
+    from padim_core.features import semi_orthogonal_matrix
+
+    extractor = FeatureExtractor("resnet18", ["layer1", "layer2"], pretrained=False)
+    every = torch.arange(192)
+    matrix = semi_orthogonal_matrix(192, 30, seed=2)
+    projected, full = PatchEmbedder(extractor, every, matrix), PatchEmbedder(extractor, every)
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(projected(images), full(images) @ matrix, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"projection must be \[192, n_features\]"):
+        PatchEmbedder(extractor, every, matrix[:100])

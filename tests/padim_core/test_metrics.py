@@ -9,7 +9,6 @@ from padim_core.metrics import (
     f1_threshold,
     image_auroc,
     pixel_auroc,
-    quantile_threshold,
     roc_curve_points,
 )
 
@@ -71,18 +70,6 @@ def test_roc_curve_points_span_zero_to_one():
     fpr, tpr, thresholds = roc_curve_points([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8])
     assert fpr[0] == 0 and tpr[0] == 0 and fpr[-1] == 1 and tpr[-1] == 1
     assert len(fpr) == len(tpr) == len(thresholds)
-
-
-def test_quantile_threshold():
-    scores = np.arange(101, dtype=float)
-    assert quantile_threshold(scores, 0.99) == pytest.approx(99.0)
-    assert quantile_threshold(scores, 1.0) == 100.0
-    assert quantile_threshold([3.0, 1.0], 0.5) == 2.0
-    with pytest.raises(ValueError, match="empty"):
-        quantile_threshold([], 0.9)
-    for bad in (0.0, 1.5, -0.1):
-        with pytest.raises(ValueError, match=r"quantile must be in \(0, 1\]"):
-            quantile_threshold(scores, bad)
 
 
 @pytest.mark.parametrize("seed", range(5))

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from padim_core.augmentation import PhotometricAugmentation
 from padim_core.calibration import Calibration
 from padim_core.gaussian import GaussianAccumulator
 from padim_core.padim import PadimModel
@@ -102,6 +103,12 @@ def test_bad_calls_are_clear_errors(fitted):
         PadimModel("resnet18", ["layer1"], n_features=8, pretrained=False, distance_metric="euclidean")
     with pytest.raises(ValueError, match="regularization must be >= 0"):
         PadimModel("resnet18", ["layer1"], n_features=8, pretrained=False, regularization=-1.0)
+    for name, value in (("shrinkage", "lw"), ("regularization_scale", "relative"), ("embedding", "pca")):
+        with pytest.raises(ValueError, match=f"{name} '{value}' is not one PaDiM defines here"):
+            PadimModel("resnet18", ["layer1"], n_features=8, pretrained=False, **{name: value})
+    with pytest.raises(ValueError, match="augmentation works on uint8 pixels"):
+        PadimModel("resnet18", ["layer1"], n_features=8, image_size=SIZE, pretrained=False,
+                   augmentation={"copies": 1}).fit([images(2)])
 
 
 def test_threshold_decides_anomalies_strictly_above(fitted):
@@ -147,5 +154,36 @@ def test_the_file_holds_the_gaussians_and_channels_and_no_pickle(fitted):
     assert header["mean"]["dtype"] == "F32" and header["channel_index"]["dtype"] == "I64"
     metadata = json.loads(header["__metadata__"]["padim"])
     assert metadata["kind"] == "padim" and metadata["settings"] == {
-        "n_features": 20, "embedding_size": 192, "seed": 1, "regularization": 0.01, "distance_metric": "mahalanobis",
+        "n_features": 20, "embedding_size": 192, "embedding": "random_subset", "seed": 1, "regularization": 0.01,
+        "regularization_scale": "absolute", "shrinkage": "none", "distance_metric": "mahalanobis",
+        "augmentation": PhotometricAugmentation().to_dict(),  # copies 0: none
     }
+    assert metadata["settings"]["augmentation"]["copies"] == 0
+
+
+def test_semi_orthogonal_embedding_saves_its_matrix_and_loads_back_the_same_model():
+    model = PadimModel("resnet18", ["layer1", "layer2"], n_features=20, image_size=SIZE, pretrained=False, seed=1,
+                       embedding="semi_orthogonal", shrinkage="oas", regularization_scale="location_variance")
+    assert model.channel_index.tolist() == list(range(192)) and model.projection.shape == (192, 20)
+    model.fit([images(6), images(5, seed=1)])
+    data = model.to_bytes()
+    header = json.loads(data[8 : 8 + struct.unpack("<Q", data[:8])[0]])
+    assert {key for key in header if key != "__metadata__"} == {"mean", "inv_covariance", "projection"}
+    loaded = PadimModel.load(data)
+    assert (loaded.embedding, loaded.shrinkage, loaded.regularization_scale) == ("semi_orthogonal", "oas", "location_variance")
+    assert torch.equal(loaded.projection, model.projection)
+    batch = images(2, seed=4)
+    torch.testing.assert_close(loaded.predict(batch)[1], model.predict(batch)[1])
+
+
+def test_augmented_fit_counts_the_real_images_and_records_its_augmentation():
+    from support.models import pixels
+
+    model = PadimModel("resnet18", ["layer1"], n_features=8, image_size=SIZE, pretrained=False,
+                       augmentation={"copies": 2, "seed": 3})
+    accumulator = model.accumulate([pixels(4), pixels(3, seed=1)])
+    assert accumulator.count == 7 * 3  # every image and two copies of it, in the same sums
+    model.fit_accumulator(accumulator)
+    assert model.n_train_ == 7
+    loaded = PadimModel.load(model.to_bytes())
+    assert loaded.augmentation == PhotometricAugmentation(copies=2, seed=3)

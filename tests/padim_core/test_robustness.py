@@ -19,7 +19,7 @@ from support.paths import DEMO_CONFIG
 def evaluated(tmp_path_factory: pytest.TempPathFactory):
     root = build_demo_dataset(tmp_path_factory.mktemp("demo") / "data", train=16, test_good=6, test_defect=3, size=96)
     overrides = ["padim.image_size=96", "padim.n_features=40", "data.batch_size=8", "data.num_workers=1"]
-    config = load_config(DEMO_CONFIG, overrides, others=("tasks", "fit", "scoring", "tracking", "output"))
+    config = load_config(DEMO_CONFIG, overrides, others=("tasks", "fit", "scoring", "drift", "tracking", "output"))
     category = MvtecCategory.from_folder(root / "brick")
     evaluation = evaluate_category(category, config, "cpu")
     split = load_test_split(category, evaluation.model.transform, batch_size=8, workers=1)
@@ -42,6 +42,8 @@ def test_severity_zero_is_the_unshifted_evaluation_exactly(evaluated) -> None:
         assert row.level is None
         assert row.image_auroc == evaluation.metrics["image_auroc"]
         assert row.pixel_auroc == evaluation.metrics["pixel_auroc"]
+        assert row.false_positive_rate == evaluation.metrics["realised_false_alarm_rate"]
+        assert 1 - row.false_negative_rate == evaluation.metrics["recall"]
     assert [(row.shift, row.severity, row.level) for row in results[2:]] == [("blur", 1, 8.0), ("noise", 1, 0.05)]
 
 

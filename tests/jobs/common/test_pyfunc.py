@@ -27,7 +27,8 @@ def test_pyfunc_model_is_code_not_pickle_and_scores_paths_and_bytes(
     test_image.write_bytes(noise_png(80, seed=3))
     model = PadimModel.load(tiny_padim_file)
     expected, _ = model.predict_one(test_image)
-    model.calibrate(Calibration("fixed", expected - 1.0, (expected - 2.0,)))  # this image is just above the threshold
+    # nine calibration scores below this image's: it is above the threshold, with the smallest p-value, 1/10
+    model.calibrate(Calibration.conformal([expected - 2.0 - index for index in range(9)], false_alarm_rate=0.1))
     model_file = model.save(tmp_path / "brick.safetensors")
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -57,10 +58,10 @@ def test_pyfunc_model_is_code_not_pickle_and_scores_paths_and_bytes(
 
     frame = pd.DataFrame({"image": [str(test_image), test_image.read_bytes(), b"\x89PNG broken", str(tmp_path / "nope.png")]})
     scored = loaded.predict(frame)
-    assert list(scored.columns) == ["image_score", "is_anomalous", "error"] and len(scored) == 4
+    assert list(scored.columns) == ["image_score", "p_value", "is_anomalous", "error"] and len(scored) == 4
     assert scored.image_score[:2].tolist() == pytest.approx([expected, expected], rel=1e-4)
-    assert scored.is_anomalous[:2].tolist() == [True, True]
-    assert scored.image_score[2:].isna().all() and scored.is_anomalous[2:].isna().all()
+    assert scored.is_anomalous[:2].tolist() == [True, True] and scored.p_value[:2].tolist() == [0.1, 0.1]
+    assert scored.image_score[2:].isna().all() and scored.is_anomalous[2:].isna().all() and scored.p_value[2:].isna().all()
     assert "cannot decode" in scored.error[2] and "nope.png" in scored.error[3]
     assert scored.error[:2].isna().all()
     by_path = loaded.predict(pd.DataFrame({"path": [str(test_image)] * 3}), params={"batch_size": 2})

@@ -13,7 +13,10 @@ from mlflow import MlflowClient
 
 from jobs.common import tracking
 from jobs.common.config import load_job_config
+from padim_core.datasets import MvtecCategory
+from padim_core.demo_data import build_demo_dataset
 from padim_core.errors import PadimError
+from padim_core.manifest import split_by_fraction
 
 from support.paths import DEMO_CONFIG
 from support.servers import free_port
@@ -76,7 +79,8 @@ def test_flat_params_and_detector_params_name_every_value() -> None:
     config = load_job_config(DEMO_CONFIG, ["padim.image_size=[64, 96]"])
     flat = tracking.flat_params(config.to_dict())
     assert flat["padim.layers"] == "blocks.1,blocks.2,blocks.4" and flat["tasks.num_gpus"] == "auto"
-    assert flat["calibration.threshold_quantile"] == "0.99" and flat["output"] == "outputs/demo"
+    assert flat["calibration.fraction"] == "0.2" and flat["calibration.false_alarm_rate"] == "None"
+    assert flat["drift.trim"] == "0.5" and flat["output"] == "outputs/demo"
     params = tracking.detector_params(config, "padim")
     assert params["detector"] == "padim" and params["image_size"] == "64x96"
     assert params["backbone"] == "efficientnet_lite0" and params["layers"] == "blocks.1,blocks.2,blocks.4"
@@ -87,6 +91,38 @@ def test_flat_params_and_detector_params_name_every_value() -> None:
 def test_registered_models_are_named_detector_then_category() -> None:
     assert tracking.registered_name("padim", "bottle") == "padim-bottle"
     assert tracking.registered_name("patchcore", "metal_nut") == "patchcore-metal_nut"
+
+
+def test_metric_segments_keep_only_what_mlflow_accepts() -> None:
+    assert tracking.metric_segment("metal_nut") == "metal_nut"
+    assert tracking.metric_segment("a/b+c (v2)") == "a_b_c _v2_"
+
+
+def test_a_split_becomes_the_runs_dataset_inputs(tmp_path: Path) -> None:
+    """Fit, calibration and test files show as three datasets with their contexts; the digest
+    follows the files' content, so a run on other files shows another digest."""
+    root = build_demo_dataset(tmp_path / "data", train=5, test_good=1, test_defect=1, size=32) / "brick"
+    split = split_by_fraction(MvtecCategory.from_folder(root), 0.4, seed=0)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = tracking.prepare_experiment(client, "e", client.tracking_uri, tmp_path)
+    first, second = (client.create_run(experiment).info.run_id for _ in range(2))
+    tracking.log_split_inputs(client, first, split)
+    other = split_by_fraction(MvtecCategory.from_folder(root), 0.4, seed=1)  # other calibration images
+    tracking.log_split_inputs(client, second, other)
+
+    def inputs(run_id: str) -> dict[str, tuple[str, str, str]]:
+        found = client.get_run(run_id).inputs.dataset_inputs
+        return {item.dataset.name: (item.tags[0].value, item.dataset.digest, item.dataset.profile) for item in found}
+
+    logged = inputs(first)
+    assert {name: context for name, (context, _, _) in logged.items()} == {
+        "brick-fit": "training", "brick-calibration": "calibration", "brick-test": "testing"}
+    assert logged["brick-calibration"][2] == '{"num_rows": 2}' and logged["brick-fit"][2] == '{"num_rows": 3}'
+    again = inputs(second)
+    assert again["brick-test"][1] == logged["brick-test"][1]
+    assert again["brick-calibration"][1] != logged["brick-calibration"][1]
+    found = client.search_runs([experiment], "dataset.context = 'calibration' and dataset.name = 'brick-calibration'")
+    assert {run.info.run_id for run in found} == {first, second}
 
 
 def test_runs_follow_the_layout_parent_then_one_child_per_category_and_detector(tmp_path: Path) -> None:

@@ -58,6 +58,7 @@ def test_the_demo_fits_packs_and_scores(data_root: Path, tmp_path: Path, monkeyp
     assert score[score.index("--models") + 1] == str(output / "models") and "overwrite" in score
     printed = capsys.readouterr().out
     assert f"reusing {data_root}" in printed and "packed 15 test images" in printed and "\nDone.\n" in printed
+    assert f"drift alarm:  {output / 'scores.drift.json'}" in printed and f"splits:       {output / 'manifests'}" in printed
     assert (output / "demo_test_images.tar").is_file()
 
 

@@ -13,6 +13,7 @@ from PIL import Image
 from jobs.fit.artifacts import heatmap_sample, write_category_artifacts
 from padim_core.calibration import Calibration
 from padim_core.evaluate import Evaluation
+from padim_core.manifest import SplitManifest
 from padim_core.padim import PadimModel
 
 from support.images import noise_png
@@ -46,11 +47,12 @@ def evaluation_of(model: PadimModel, folder: Path, calibrated: bool) -> Evaluati
     labels = np.array([0, 0, 1, 1])
     masks = np.zeros(maps.shape, dtype=bool)
     masks[2:, 10:20, 10:20] = True
-    if calibrated:
-        model.calibrate(Calibration("fixed", float(np.median(scores)), tuple(sorted(scores[:2].tolist()))),
+    if calibrated:  # on the two normal images: both at or below the threshold, their maximum
+        model.calibrate(Calibration.conformal(scores[:2], false_alarm_rate=1 / 3),
                         map_min=float(maps.min()), map_max=float(maps.max()))
     metrics = {"image_auroc": 0.75 if calibrated else None}
-    return Evaluation(model, metrics, sources, defects, labels, scores, maps, masks)
+    split = SplitManifest("brick", folder, "fixed", (), (), ())
+    return Evaluation(model, split, metrics, sources, defects, labels, scores, maps, masks)
 
 
 def test_a_calibrated_category_gets_every_artifact(tiny_padim_file: bytes, tmp_path: Path) -> None:
@@ -58,13 +60,16 @@ def test_a_calibrated_category_gets_every_artifact(tiny_padim_file: bytes, tmp_p
     folder = tmp_path / "artifacts"
     write_category_artifacts(evaluation, "brick", folder, heatmap_examples=2)
     table = pq.read_table(folder / "scores.parquet").to_pandas()
-    assert list(table.columns) == ["source", "category", "detector", "defect", "label", "image_score", "is_anomalous", "threshold"]
+    assert list(table.columns) == ["source", "category", "detector", "defect", "label", "image_score", "p_value",
+                                   "is_anomalous", "threshold"]
     assert table["source"].tolist() == [str(path) for path in evaluation.sources]
     assert set(table["category"]) == {"brick"} and set(table["detector"]) == {"padim"}
     np.testing.assert_allclose(table["image_score"], evaluation.scores, rtol=1e-6)
     threshold = evaluation.model.threshold_
     assert (table["threshold"] == threshold).all()
     assert table["is_anomalous"].tolist() == (evaluation.scores > threshold).tolist()
+    assert table["p_value"].tolist() == evaluation.model.calibration_.p_values(evaluation.scores).tolist()
+    assert (table["is_anomalous"] == (table["p_value"] <= 1 / 3)).all()
     for name in ("roc_curve.png", "score_histogram.png"):
         assert Image.open(folder / name).format == "PNG"
     heatmaps = sorted(path.name for path in (folder / "heatmaps").iterdir())
@@ -77,5 +82,5 @@ def test_an_uncalibrated_category_without_auroc_gets_scores_and_no_roc(tiny_padi
     folder = tmp_path / "artifacts"
     write_category_artifacts(evaluation, "brick", folder, heatmap_examples=0)
     table = pq.read_table(folder / "scores.parquet").to_pandas()
-    assert table["is_anomalous"].isna().all() and table["threshold"].isna().all()
+    assert table["is_anomalous"].isna().all() and table["threshold"].isna().all() and table["p_value"].isna().all()
     assert sorted(path.name for path in folder.iterdir()) == ["score_histogram.png", "scores.parquet"]

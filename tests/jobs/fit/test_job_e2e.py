@@ -1,6 +1,6 @@
 """jobs.fit end to end: on a real Ray head through `ray job submit`, against a real `mlflow server`
-(both detectors, then scored, shifted and compared on the same servers), and with the embedded
-local Ray when one category is broken.
+(both detectors, then scored with p-values and the drift alarm, shifted and compared on the same
+servers), and with the embedded local Ray when one category is broken.
 
 Servers bind to 127.0.0.1 only and are stopped at the end of each test, by process id
 (`support.servers`).
@@ -40,8 +40,9 @@ pytestmark = pytest.mark.slow
 
 FAST = ["--set", "padim.image_size=64", "--set", "patchcore.image_size=64", "--set", "fit.heatmap_examples=2",
         "--set", "data.batch_size=8"]
-METRICS = {"image_auroc", "pixel_auroc", "aupro", "threshold", "fit_seconds", "images_per_second"}
-PARAMS = {"detector", "backbone", "layers", "n_features", "image_size", "seed", "n_train"}
+METRICS = {"image_auroc", "pixel_auroc", "aupro", "threshold", "fit_seconds", "images_per_second", "false_alarm_rate",
+           "realised_false_alarm_rate", "recall", "oracle_f1_threshold"}
+PARAMS = {"detector", "backbone", "layers", "n_features", "image_size", "seed", "n_train", "n_calibration", "split"}
 
 
 # -------------------------------------------------------------------------------- tests
@@ -50,6 +51,9 @@ def test_ray_job_submit_fits_both_detectors_then_they_score_shift_and_compare(
 ) -> None:
     import mlflow
     from mlflow import MlflowClient
+
+    from padim_core.manifest import read_manifest
+    from padim_core.padim import PadimModel
 
     data = build_demo_dataset(tmp_path / "data", train=6, test_good=3, test_defect=1, size=64)
     output = tmp_path / "out"
@@ -86,7 +90,8 @@ def test_ray_job_submit_fits_both_detectors_then_they_score_shift_and_compare(
             assert "succeeded" in log
             for name in categories:
                 for kind in ("padim", "patchcore"):
-                    assert f"[{name}/{kind}] started: 6 train + 7 test images" in log
+                    assert f"[{name}/{kind}] started: 5 fit + 1 calibration + 7 test images" in log
+                assert f"padim-fit: {name}: 1 calibration images support a false-alarm rate of at least 1/2 = 0.5" in log
             assert "[4/4]" in log and "image AUROC" in log
 
             # What the driver left on the head's disk.
@@ -98,6 +103,14 @@ def test_ray_job_submit_fits_both_detectors_then_they_score_shift_and_compare(
             for kind in ("padim", "patchcore"):
                 assert sorted(path.name for path in (output / "models" / kind).iterdir()) == [f"{name}.safetensors" for name in categories]
             assert not (output / "mlflow.db").exists()  # the server holds the runs, not a local file
+            # the splits, beside the models: 1 of the 6 normal training images held out, never fitted on
+            for name in categories:
+                split = read_manifest(output / "manifests" / f"{name}.json", data / name).verify()
+                assert split.counts() == {"fit": 5, "calibration": 1, "test": 7}
+                model = PadimModel.load(output / "models" / "padim" / f"{name}.safetensors")
+                assert model.calibration_.is_conformal and model.calibration_.false_alarm_rate == 0.5
+                assert model.n_train_ == 5 and model.threshold_ == model.calibration_.scores[0]
+                assert summary["categories"][name]["padim"]["threshold"] == pytest.approx(model.threshold_)
 
             # What the MLflow server holds, read back over HTTP. `models:/` URIs resolve through
             # the default registry, which follows MLFLOW_TRACKING_URI (else ./mlflow.db).
@@ -125,7 +138,8 @@ def test_ray_job_submit_fits_both_detectors_then_they_score_shift_and_compare(
                 assert (run.data.tags["category"], run.data.tags["detector"]) == (name, kind)
                 assert METRICS <= set(run.data.metrics)
                 assert PARAMS - {"n_features"} <= set(run.data.params)
-                assert run.data.params["n_train"] == "6" and run.data.params["image_size"] == "64x64"
+                assert run.data.params["n_train"] == "5" and run.data.params["image_size"] == "64x64"
+                assert run.data.params["n_calibration"] == "1" and run.data.metrics["false_alarm_rate"] == 0.5
                 assert run.data.params["backbone"] == "efficientnet_lite0" and run.data.params["detector"] == kind
                 assert 0.0 <= run.data.metrics["image_auroc"] <= 1.0
                 assert run.data.metrics["image_auroc"] == pytest.approx(summary["categories"][name][kind]["image_auroc"])
@@ -141,6 +155,7 @@ def test_ray_job_submit_fits_both_detectors_then_they_score_shift_and_compare(
                 assert row.model_size_mb == pytest.approx(metrics["model_size_mb"])
             for name in categories:
                 run = children[f"{name}-padim"]
+                assert {item.path for item in client.list_artifacts(run.info.run_id, "manifest")} == {f"manifest/{name}.json"}
                 top = {item.path for item in client.list_artifacts(run.info.run_id)}
                 assert {"scores.parquet", "roc_curve.png", "score_histogram.png", "heatmaps"} <= top
                 heatmaps = client.list_artifacts(run.info.run_id, "heatmaps")
@@ -154,6 +169,11 @@ def test_ray_job_submit_fits_both_detectors_then_they_score_shift_and_compare(
                 assert not [path for path in model_files if path.endswith(".pkl")], model_files
             # Artifacts went through the server into its artifact store.
             assert list((server_folder / "artifacts").rglob("scores.parquet"))
+            # the splits are the runs' dataset inputs, searchable over HTTP
+            found = client.search_runs([experiment.experiment_id], "dataset.context = 'calibration'")
+            assert sorted(run.info.run_name for run in found) == [f"{name}-padim" for name in categories]
+            inputs = {item.dataset.name: item.tags[0].value for item in children["brick-padim"].inputs.dataset_inputs}
+            assert inputs == {"brick-fit": "training", "brick-calibration": "calibration", "brick-test": "testing"}
 
             # The registered model scores an image as the job did, and loads without unpickling anything.
             run = children["brick-padim"]
@@ -168,25 +188,55 @@ def test_ray_job_submit_fits_both_detectors_then_they_score_shift_and_compare(
             defective = table[table.label == 1].iloc[0]
             image = Path(defective.source)
             scored = model.predict(pd.DataFrame({"image": [str(image), image.read_bytes()]}))
-            assert list(scored.columns) == ["image_score", "is_anomalous", "error"]
+            assert list(scored.columns) == ["image_score", "p_value", "is_anomalous", "error"]
             assert scored.image_score.tolist() == pytest.approx([defective.image_score] * 2, rel=1e-3)
             assert scored.is_anomalous.tolist() == [bool(defective.is_anomalous)] * 2
+            assert scored.p_value.tolist() == [defective.p_value] * 2
+            assert scored.is_anomalous.tolist() == (scored.p_value <= 0.5).tolist()
+
 
             # Both kinds score from the one models folder and from the registry (the kind is read from
             # each file), and padim-shift evaluates a PatchCore model: drivers joining the same head.
             driver = {**env, "RAY_ADDRESS": f"127.0.0.1:{gcs_port}", "MLFLOW_TRACKING_URI": uri}
-            tables = {}
-            for kind, models in (("patchcore", str(output / "models")), ("padim", "registry")):
-                tables[kind] = tmp_path / f"scores-{kind}"
-                scoring = subprocess.run(
-                    [str(BIN / "padim-score"), "--input", str(data / "brick" / "test"), "--category", "brick",
-                     "--models", models, "--detector", kind, "--output", str(tables[kind]),
-                     "--set", "tracking.experiment=padim-e2e"],
-                    env=driver, capture_output=True, text=True, check=False, timeout=300,
-                )
-                assert scoring.returncode == 0, (scoring.stdout + scoring.stderr)[-4000:]
+            tables = {kind: tmp_path / f"scores-{kind}" for kind in ("patchcore", "padim")}
+            scoring = subprocess.run(
+                [str(BIN / "padim-score"), "--input", str(data / "brick" / "test"), "--category", "brick",
+                 "--models", str(output / "models"), "--detector", "patchcore", "--output", str(tables["patchcore"]),
+                 "--set", "tracking.experiment=padim-e2e"],
+                env=driver, capture_output=True, text=True, check=False, timeout=300,
+            )
+            assert scoring.returncode == 0, (scoring.stdout + scoring.stderr)[-4000:]
+            # PaDiM from the registry through `ray job submit`, two inputs: p-values and the drift alarm per input.
+            job = subprocess.run(
+                [
+                    str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dashboard_port}",
+                    "--working-dir", str(REPO_ROOT),
+                    "--runtime-env-json", json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": uri}}),
+                    "--", "python", "-m", "jobs.score", "--input", str(data / "brick" / "test"), str(data / "brick" / "train"),
+                    "--models", "registry", "--detector", "padim", "--category", "brick", "--output", str(tables["padim"]),
+                    "--set", "tracking.experiment=padim-e2e",
+                ],
+                env=env, capture_output=True, text=True, check=False, timeout=420,
+            )
+            log = job.stdout + job.stderr
+            assert job.returncode == 0, log[-5000:]
+            assert "scored 13 images, 0 errors" in log and "brick     (whole job)" in log
+            scored_rows = pq.read_table(tables["padim"]).to_pandas()
+            assert len(scored_rows) == 13 and scored_rows.p_value.notna().all()
+            assert (scored_rows.is_anomalous == (scored_rows.p_value <= 0.5)).all()
+            assert (scored_rows.is_anomalous == (scored_rows.image_score > scored_rows.threshold)).all()
+            drift = json.loads((tmp_path / "scores-padim.drift.json").read_text())
+            assert [(item["category"], item["input"], item["images"]) for item in drift["results"]] == [
+                ("brick", None, 13), ("brick", str(data / "brick" / "test"), 7), ("brick", str(data / "brick" / "train"), 6)]
+            assert drift["results"][0]["verdict"] in ("ALARM", "no alarm")
+            assert drift["results"][1]["verdict"] == "not tested: 7 images, fewer than 10"
+            scoring_run = client.search_runs([experiment.experiment_id], "tags.job = 'jobs.score'", order_by=["attributes.start_time DESC"])[0]
+            assert scoring_run.data.metrics["brick/drift_p_value"] == drift["results"][0]["p_value"]
+            assert scoring_run.data.tags["drift/brick"] == drift["results"][0]["verdict"]
+            assert "scores-padim.drift.json" in {item.path for item in client.list_artifacts(scoring_run.info.run_id)}
             for kind, table_path in tables.items():
                 rows = pq.read_table(table_path).to_pandas()
+                rows = rows[rows.source.str.contains("/test/")]
                 assert len(rows) == 7 and set(rows.detector) == {kind} and rows.error.isna().all()
                 fitted = pq.read_table(mlflow.artifacts.download_artifacts(
                     run_id=children[f"brick-{kind}"].info.run_id, artifact_path="scores.parquet",
@@ -217,32 +267,33 @@ def test_one_broken_category_fails_alone(tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
     data = build_demo_dataset(tmp_path / "data", train=5, test_good=2, test_defect=1, size=64)
-    for extra in sorted((data / "gravel" / "train" / "good").iterdir())[1:]:
-        extra.unlink()  # one training image: no covariance can be estimated
+    shutil.rmtree(data / "gravel" / "train")  # listed by name, so it fails in its task rather than stopping the job
     (data / "grass" / "train" / "good" / "002.png").write_bytes(b"not an image")
     output = tmp_path / "out"
     started_at = time.monotonic()
     job = subprocess.run(
-        [str(BIN / "padim-fit"), "--config", str(DEMO_CONFIG), "--data-root", str(data), "--output", str(output), *FAST],
+        [str(BIN / "padim-fit"), "--config", str(DEMO_CONFIG), "--data-root", str(data), "--output", str(output),
+         "--categories", "brick,grass,gravel", *FAST],
         cwd=tmp_path, env=local_env(), capture_output=True, text=True, check=False, timeout=400,
     )
     print(f"padim-fit took {time.monotonic() - started_at:.0f} s")
     log = job.stdout + job.stderr
     assert job.returncode == 1, log[-5000:]
     assert "[3/3]" in log and "; 2 FAILED" in log
-    assert "gravel/padim failed: ValueError: a covariance needs at least 2 training images, got 1" in log
+    assert f"gravel/padim failed: DatasetError: {data / 'gravel'} is not an MVTec category: " in log
 
     summary = {name: kinds["padim"] for name, kinds in json.loads((output / "metrics.json").read_text())["categories"].items()}
     assert summary["brick"]["status"] == "ok" and summary["brick"]["error"] is None
     assert 0.0 <= summary["brick"]["image_auroc"] <= 1.0
     assert summary["gravel"]["status"] == "failed"
-    assert "at least 2 training images, got 1" in summary["gravel"]["error"]
+    assert "train/good is missing" in summary["gravel"]["error"]
     assert summary["grass"]["status"] == "failed"
     assert "002.png" in summary["grass"]["error"] and "ImageDecodeError" in summary["grass"]["error"]
     assert all(set(entry) >= {"image_auroc", "pixel_auroc", "aupro", "threshold", "n_train", "n_test", "fit_seconds",
                               "fit_images_per_second", "status", "error"} for entry in summary.values())
     # Only the category that succeeded has a model; nothing partial or temporary is left.
     assert [path.name for path in (output / "models" / "padim").iterdir()] == ["brick.safetensors"]
+    assert sorted(path.name for path in (output / "manifests").iterdir()) == ["brick.json", "grass.json"]
     assert summary["brick"]["model_path"] == str(output / "models" / "padim" / "brick.safetensors")
 
     client = MlflowClient(f"sqlite:///{output / 'mlflow.db'}")

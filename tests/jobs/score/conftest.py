@@ -23,13 +23,13 @@ def bottle(mvtec_root: Path) -> Path:
 
 @pytest.fixture(scope="package")
 def model_file(bottle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny model fitted on 8 bottle photos; the threshold splits the test photos about in half."""
+    """A tiny model fitted on 8 bottle photos, calibrated (conformal, alpha 0.5) on the test photos
+    it then scores: the threshold splits them about in half."""
     model = PadimModel("efficientnet_lite0", ["blocks.1", "blocks.2"], n_features=20, image_size=SIZE)
     train = sorted((bottle / "train" / "good").glob("*.png"))[:8]
     model.fit([torch.stack([model.transform.to_pixels(path) for path in train])])
     scores, maps = model.predict(torch.stack([model.transform.to_pixels(path) for path in bottle_photos(bottle)]))
-    model.calibrate(Calibration("median of test photos", float(scores.median()), tuple(sorted(scores.tolist()))),
-                    map_min=float(maps.min()), map_max=float(maps.max()))
+    model.calibrate(Calibration.conformal(scores, false_alarm_rate=0.5), map_min=float(maps.min()), map_max=float(maps.max()))
     return model.save(tmp_path_factory.mktemp("model") / "bottle.safetensors")
 
 

@@ -17,7 +17,7 @@ from support.images import broken_images, encode, odd_images
 def batch(items: dict[str, bytes], category: str = "bottle") -> pa.Table:
     names = list(items)
     return pa.table({
-        "source": names, "category": [category] * len(names), "data": [items[n] for n in names],
+        "source": names, "category": [category] * len(names), "input": [0] * len(names), "data": [items[n] for n in names],
         "error": pa.array([None] * len(names), pa.string()), "skipped": [False] * len(names),
     })
 
@@ -54,11 +54,13 @@ def test_broken_images_become_error_rows_naming_the_source() -> None:
 
 def test_rows_that_already_failed_or_were_skipped_pass_through() -> None:
     table = pa.table({
-        "source": ["a.tar", "a.tar::x.txt"], "category": ["bottle", "bottle"], "data": pa.array([None, None], pa.binary()),
+        "source": ["a.tar", "a.tar::x.txt"], "category": ["bottle", "bottle"], "input": [3, 3],
+        "data": pa.array([None, None], pa.binary()),
         "error": ["archive a.tar is unreadable", None], "skipped": [False, True],
     })
     rows = decode_batch(table, {}).to_pylist()
     assert [(r["error"], r["skipped"], r["pixels"]) for r in rows] == [("archive a.tar is unreadable", False, None), (None, True, None)]
+    assert [row["input"] for row in rows] == [3, 3]  # which --input each row came from travels on
 
 
 def test_original_size_follows_exif_rotation() -> None:

@@ -9,6 +9,7 @@ or is killed must leave no table behind.
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import subprocess
@@ -111,10 +112,14 @@ def test_archives_folders_and_parquet_score_exactly_like_predict(
     expected = expected_scores(model_file, items)
     for source, value in zip(scored["source"], scored["image_score"]):
         assert value == pytest.approx(expected[member_of(source)], rel=1e-4), source
-    threshold = PadimModel.load(model_file, device="cpu").threshold_
+    calibration = PadimModel.load(model_file, device="cpu").calibration_
+    threshold = calibration.threshold
     flags = scored["is_anomalous"].astype(bool)
     assert (flags == (scored["image_score"] > threshold)).all()
     assert 0 < flags.sum() < len(scored)
+    # the p-values are the model's own, and decide exactly as the threshold does
+    np.testing.assert_array_equal(scored["p_value"], calibration.p_values(scored["image_score"].to_numpy()))
+    assert (flags == (scored["p_value"] <= 0.5)).all() and failed["p_value"].isna().all()
     assert (scored["threshold"] == threshold).all() and (scored["model_uri"] == str(model_file)).all()
     assert (table["detector"] == "padim").all()
     photo = scored[scored["source"].str.endswith("good_000.png")]
@@ -141,6 +146,17 @@ def test_archives_folders_and_parquet_score_exactly_like_predict(
     assert run_data.data.params["model.bottle"] == str(model_file)
     artifacts = {item.path for item in MlflowClient(summary.tracking_uri).list_artifacts(summary.run_id, "histograms")}
     assert artifacts == {"histograms/bottle.png"}
+
+    # the drift alarm: the whole job, then each of the five inputs; beside the table, in the run
+    per_input = len(scored) // len(inputs)
+    assert [(r.category, r.input, r.test.images) for r in summary.drift] == [
+        ("bottle", None, len(scored)), *(("bottle", str(path), per_input) for path in inputs)]
+    report = json.loads((tmp_path / "scores.drift.json").read_text())
+    assert [item["p_value"] for item in report["results"]] == [r.test.p_value for r in summary.drift]
+    assert metrics["bottle/drift_p_value"] == summary.drift[0].test.p_value
+    assert metrics["bottle/input_4/drift_p_value"] == summary.drift[5].test.p_value
+    assert run_data.data.tags["drift/bottle"] == summary.drift[0].test.verdict
+    assert not any(path.name.endswith(".json") for path in output.rglob("*"))  # readers of the table never see it
 
 
 def test_models_from_the_registry_by_alias_and_appending_to_a_table(
@@ -169,7 +185,8 @@ def test_models_from_the_registry_by_alias_and_appending_to_a_table(
                          config=settings, mode="append")
     score(again)
     assert len(pq.read_table(output)) == 4
-    assert sorted(os.listdir(tmp_path)) == sorted([".scores.lock", "in", "scores", "mlflow.db", "mlartifacts"])  # no staging leftovers
+    # no staging leftovers; the drift verdicts of the latest job beside the table
+    assert sorted(os.listdir(tmp_path)) == sorted([".scores.lock", "in", "scores", "scores.drift.json", "mlflow.db", "mlartifacts"])
 
 
 def test_a_job_that_fails_after_its_checks_leaves_no_table(bottle: Path, model_file: Path, ray_session: None, tmp_path: Path) -> None:

@@ -43,7 +43,7 @@ def actor(tiny_padim_file: bytes, monkeypatch: pytest.MonkeyPatch) -> ScoreActor
     """An actor scoring `bottle` with the tiny model, its file's bytes handed over as Ray would."""
     model = PadimModel.load(tiny_padim_file)
     scores = model.predict(pixels(4, seed=8))[0]
-    model.calibrate(Calibration("median", float(scores.median()), tuple(sorted(scores.tolist()))), map_min=0.0, map_max=10.0)
+    model.calibrate(Calibration.conformal(scores, false_alarm_rate=0.5), map_min=0.0, map_max=10.0)
     monkeypatch.setattr(pipeline.ray, "get", lambda data: data)  # the object store is this process
     handle = ModelHandle("/m/padim/bottle.safetensors", "padim", model.threshold_, model.to_bytes())
     return ScoreActor({"bottle": handle}, device="cpu", threads=1, options=RowOptions(map_size=4, heatmaps=True))
@@ -54,7 +54,7 @@ def decoded(images: torch.Tensor, categories: list[str]) -> pa.Table:
     count = len(categories)
     arrays = [image.permute(1, 2, 0).numpy().tobytes() for image in images]
     return pa.table({
-        "source": [f"/in/{index}.png" for index in range(count)], "category": categories,
+        "source": [f"/in/{index}.png" for index in range(count)], "category": categories, "input": [1] * count,
         "pixels": arrays[:count - 1] + [None], "height": [900] * count, "width": [600] * count,
         "error": [None] * (count - 1) + ["cannot decode image /in/last.png"], "skipped": [False] * count,
     }, schema=DECODED_SCHEMA)
@@ -69,6 +69,9 @@ def test_an_actor_scores_rows_as_score_batch_does(actor: ScoreActor, tiny_padim_
     expected = score_batch(model, images[:2])
     assert [row["image_score"] for row in rows[:2]] == pytest.approx(expected.scores.tolist(), rel=1e-6)
     assert [row["is_anomalous"] for row in rows[:2]] == expected.is_anomalous.tolist()
+    assert [row["p_value"] for row in rows[:2]] == expected.p_values.tolist()
+    assert [row["is_anomalous"] for row in rows[:2]] == [row["p_value"] <= 0.5 for row in rows[:2]]
+    assert [row["input"] for row in rows] == [1] * 4
     assert all(row["model_uri"] == "/m/padim/bottle.safetensors" and row["detector"] == "padim" for row in rows[:2])
     assert rows[0]["threshold"] == model.threshold_
     for row, scores_map in zip(rows[:2], expected.maps):
@@ -80,6 +83,7 @@ def test_an_actor_scores_rows_as_score_batch_does(actor: ScoreActor, tiny_padim_
     assert Image.open(io.BytesIO(flagged["heatmap_png"])).size == (SIZE, SIZE)
     # no model for screw: no score, and the reason was set upstream by the router
     assert rows[2]["image_score"] is None and rows[2]["model_uri"] is None and rows[2]["detector"] is None
+    assert rows[2]["p_value"] is None and rows[3]["p_value"] is None
     # a row that could not be decoded keeps its error, skips the model, but says which model it was for
     assert rows[3]["image_score"] is None and rows[3]["error"] == "cannot decode image /in/last.png"
     assert rows[3]["model_uri"] == "/m/padim/bottle.safetensors"

@@ -34,8 +34,8 @@ def test_rows_carry_their_category_and_lose_their_bytes_when_no_model_takes_them
     rows = [row for unit in discovery.units for row in read_rows(unit, discovery.inputs, router)]
     by_source = {Path(row["source"]).relative_to(tmp_path).as_posix(): row for row in rows}
     assert sorted(by_source) == ["bottle/a.png", "bottle/notes.txt.png", "screw/b.png"]
-    assert by_source["bottle/a.png"] == {"source": str(tmp_path / "bottle/a.png"), "category": "bottle", "data": PNG,
-                                         "error": None, "skipped": False}
+    assert by_source["bottle/a.png"] == {"source": str(tmp_path / "bottle/a.png"), "category": "bottle", "input": 0,
+                                         "data": PNG, "error": None, "skipped": False}
     screw = by_source["screw/b.png"]
     assert screw["category"] == "screw" and screw["data"] is None and "no model for category 'screw'" in screw["error"]
 

@@ -7,8 +7,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from jobs.score.drift import DriftResult
 from jobs.score.summary import ScoreSample, ScoreSummary, Tally, format_summary, progress_line
 from jobs.score.table import row_schema
+from padim_core.drift import DriftTest
 
 
 def test_score_sample_keeps_everything_up_to_capacity_then_a_uniform_sample() -> None:
@@ -51,6 +53,7 @@ def test_the_summary_describes_the_table_that_was_written(tmp_path: Path) -> Non
         tmp_path / "scores", tally, {"bottle": "models:/padim-bottle/3", "cable": "/m/cable.safetensors"},
         {"bottle": 2.0, "cable": None}, seconds=10.0, first_rows=(6.0, 2), files=2, heatmaps=0,
         run_id="abc", tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment_id="1",
+        drift=[DriftResult("bottle", None, None, DriftTest(2, 42, 0.2, 0.01, None, None, None, "2 images, fewer than 10"))],
     )
     assert summary.images_per_second == 0.4 and summary.steady_images_per_second == 0.5  # 2 images in the last 4 s
     plain = summary.to_dict()
@@ -64,5 +67,7 @@ def test_the_summary_describes_the_table_that_was_written(tmp_path: Path) -> Non
     assert bottle == ["bottle", "2", "1", "1", "50.0%", "models:/padim-bottle/3"]
     assert cable == ["cable", "1", "0", "0", "-", "/m/cable.safetensors"]
     assert "errors, for example:\n  bad" in text and f"table:   {tmp_path / 'scores'} (2 files)" in text
+    assert "\nbottle    (whole job)       2          -        -  not tested: 2 images, fewer than 10\n" in text
+    assert f"drift:   {tmp_path / 'scores.drift.json'}" in text and plain["drift"][0]["verdict"].startswith("not tested")
     assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path / 'mlflow.db'}" in text
     assert progress_line(tally, 2.0) == "padim-score: 4 images after 2 s: 3 scored, 1 errors, 1 skipped; 2.0 images/s"

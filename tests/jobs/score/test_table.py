@@ -21,7 +21,7 @@ def rows(categories: list[str], map_columns: bool = False, heatmaps: bool = Fals
     values.update(
         category=categories, source=[f"/in/{c}/{i}.png" for i, c in enumerate(categories)],
         image_score=[float(i) for i in range(count)], is_anomalous=[i % 2 == 1 for i in range(count)],
-        threshold=[0.5] * count, model_uri=["m"] * count, height=[900] * count, width=[900] * count, skipped=[False] * count,
+        p_value=[1 / (i + 1) for i in range(count)], input=[0] * count, threshold=[0.5] * count, model_uri=["m"] * count, height=[900] * count, width=[900] * count, skipped=[False] * count,
         detector=["padim"] * count,
     )
     if map_columns:
@@ -39,13 +39,15 @@ def test_files_hold_the_contract_columns_and_category_is_the_partition(tmp_path:
         "category=__unknown__", "category=bottle", "category=cable",
     ]
     assert pq.read_schema(files[0]).names == [
-        "source", "detector", "image_score", "is_anomalous", "threshold", "model_uri", "height", "width", "error", "run_id",
+        "source", "detector", "image_score", "p_value", "is_anomalous", "threshold", "model_uri", "height", "width", "error",
+        "run_id",
     ]
     table = pq.read_table(tmp_path).to_pandas()
     assert len(table) == 4 and (table["category"] == "__unknown__").sum() == 1 and set(table["detector"]) == {"padim"}
     assert set(table["run_id"]) == {"run1"}
     assert table.sort_values("image_score")["category"].tolist()[:3] == ["bottle", "cable", "bottle"]
     assert pq.read_schema(files[0]).field("image_score").type == pa.float32()
+    assert pq.read_schema(files[0]).field("p_value").type == pa.float64()
 
 
 def test_rows_are_grouped_into_row_groups_and_files_roll_over(tmp_path: Path) -> None:

@@ -123,3 +123,59 @@ def test_a_report_that_fails_midway_leaves_the_previous_one(tmp_path: Path) -> N
         shift.write_report(tmp_path / "shift", [broken], config, "models")
     assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
     assert [path.name for path in tmp_path.iterdir()] == ["shift"]  # no staging folder left behind
+
+
+def _fit_demo_model(data: Path, folder: Path, **options) -> None:
+    """A calibrated PaDiM on the demo brick at 64 px, saved where padim-fit would put it under `folder`."""
+    from padim_core.calibration import Calibration
+    from padim_core.datasets import MvtecCategory
+    from padim_core.loader import image_batches
+    from padim_core.padim import PadimModel
+
+    category = MvtecCategory.from_folder(data / "brick")
+    model = PadimModel("resnet18", ["layer1", "layer2"], n_features=20, image_size=64, pretrained=False, **options)
+    model.fit(image_batches(category.train_images, model.transform.to_pixels, 8, 1))
+    model.calibrate(Calibration("test", 1e6, ()))
+    model.save(folder / "models" / "padim" / "brick.safetensors")
+
+
+def test_a_compared_config_is_scored_on_the_same_shifts_and_reported_side_by_side(tmp_path: Path) -> None:
+    """The task without Ray, then the report: both configs' figures, side by side."""
+    data = build_demo_dataset(tmp_path / "data", train=6, test_good=2, test_defect=1, size=64)
+    _fit_demo_model(data, tmp_path / "paper")
+    _fit_demo_model(data, tmp_path / "robust", shrinkage="oas", augmentation={"copies": 1})
+    request = shift.ShiftRequest(Unit("brick", "padim"), str(data / "brick"), str(tmp_path / "paper" / "models"), "champion",
+                                 f"sqlite:///{tmp_path / 'mlflow.db'}", {"noise": (0.05,)}, 0, 8, 1, "cpu", 1,
+                                 str(tmp_path / "robust" / "models"), "robust")
+    result = shift.shift_unit(request)
+    assert result.ok, result.error
+    compare = result.values["compare"]
+    assert compare["config"] == "robust" and compare["model_uri"].endswith("robust/models/padim/brick.safetensors")
+    assert [(row["shift"], row["severity"]) for row in compare["figures"]] == [("noise", 0), ("noise", 1)]
+    assert compare["figures"] != result.values["figures"]  # another model, other figures
+
+    config = load_job_config(DEMO_CONFIG, ["shift.shifts={noise: [0.05]}"])
+    folder = shift.write_report(tmp_path / "shift", [shift.as_row(result)], config, "models", "paper")
+    assert sorted(path.name for path in folder.iterdir()) == [
+        "brick-padim-compared.png", "brick-padim.png", "figures.csv", "report.md", "results.json"]
+    rows = pacsv.read_csv(folder / "figures.csv").to_pylist()
+    assert [(row["config"], row["severity"]) for row in rows] == [("paper", 0), ("paper", 1), ("robust", 0), ("robust", 1)]
+    markdown = (folder / "report.md").read_text()
+    ours, theirs = result.values["figures"][1], compare["figures"][1]
+    assert "### Side by side: paper / robust" in markdown
+    assert "| shift | severity | level | Image AUROC (paper / robust) |" in markdown
+    assert f"| noise | 1 | 0.05 | {ours['image_auroc']:.3f} / {theirs['image_auroc']:.3f} |" in markdown
+    assert "![brick/padim (robust): figures against severity](brick-padim-compared.png)" in markdown
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--compare-models", "elsewhere"], "--compare-models needs --compare-config FILE"),
+    (["--compare-config", "COMPARE"], "--compare-config: no models folder"),
+])
+def test_compare_flags_without_their_models_stop_before_anything_starts(tmp_path: Path, capsys, flags, message) -> None:
+    data = build_demo_dataset(tmp_path / "data", train=2, test_good=1, test_defect=1, size=32)
+    compared = tmp_path / "compared.yaml"
+    compared.write_text(f"output: {tmp_path / 'never-fitted'}\n")
+    flags = [str(compared) if flag == "COMPARE" else flag for flag in flags]
+    code = shift.main(["--config", str(DEMO_CONFIG), "--data-root", str(data), "--output", str(tmp_path / "out"), *flags])
+    assert code == 2 and message in capsys.readouterr().err
