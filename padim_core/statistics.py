@@ -28,17 +28,28 @@ from padim_core.gaussian import GaussianAccumulator
 FORMAT = "padim-statistics"
 FORMAT_VERSION = 1
 METADATA_KEY = "padim_statistics"
-FINGERPRINT = ("kind", "backbone", "layers", "image_size", "grid_shape", "n_features", "embedding_size", "pretrained")
-"""What must agree between the statistics and a model (and a config) for their embeddings to add up."""
+EMBEDDING_KEYS = ("kind", "backbone", "layers", "image_size", "pretrained", "embedding", "seed", "n_features",
+                  "embedding_size")
+"""What must agree between two detectors (or statistics and a detector) for their embeddings to add
+up; a kind without some of these (PatchCore has no channel subset) is compared on the others."""
 
 
 def fingerprint(model: Any) -> dict[str, Any]:
-    """What a PaDiM model's embeddings depend on (its channel index is compared as a tensor)."""
-    return {
-        "kind": model.kind, "backbone": model.backbone, "layers": list(model.layers), "image_size": list(model.image_size),
-        "grid_shape": list(model.grid_shape_), "n_features": model.n_features, "embedding_size": model.embedding_size,
-        "pretrained": model.pretrained,
-    }
+    """What a detector's embeddings depend on (a channel index is compared apart, as a tensor)."""
+    values = {"kind": model.kind, "backbone": model.backbone, "layers": list(model.layers),
+              "image_size": list(model.image_size), "pretrained": model.pretrained}
+    return values | {key: getattr(model, key) for key in EMBEDDING_KEYS if key not in values and hasattr(model, key)}
+
+
+def embedding_differences(found: dict[str, Any], found_index: torch.Tensor | None, expected: Any) -> list[str]:
+    """Each way in which `found` (a fingerprint, and a channel index or None) embeds images
+    differently from the detector `expected`, named with both values."""
+    wanted = fingerprint(expected)
+    different = [f"{key} {found.get(key)!r} (expected {value!r})" for key, value in wanted.items() if found.get(key) != value]
+    index = getattr(expected, "channel_index", None)
+    if index is not None and (found_index is None or not torch.equal(found_index.cpu(), index.cpu())):
+        different.append("the channel index")
+    return different
 
 
 def encode_statistics(accumulator: GaussianAccumulator, model: Any, manifest: dict[str, Any] | None = None) -> bytes:
@@ -48,8 +59,8 @@ def encode_statistics(accumulator: GaussianAccumulator, model: Any, manifest: di
     for name, value in accumulator.tensors().items():
         tensors[name] = (value[:, rows, columns] if name == "outer" else value).detach().cpu().contiguous()
     tensors["channel_index"] = model.channel_index.cpu().contiguous()
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **fingerprint(model), "count": accumulator.count,
-            "manifest": manifest}
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **fingerprint(model),
+            "grid_shape": list(accumulator.grid_shape), "count": accumulator.count, "manifest": manifest}
     return save(tensors, metadata={METADATA_KEY: json.dumps(meta)})
 
 
@@ -91,10 +102,7 @@ def read_statistics(source: str | Path | bytes) -> tuple[GaussianAccumulator, di
 
 def check_compatible(meta: dict[str, Any], channel_index: torch.Tensor, model: Any, where: str) -> None:
     """Refuse statistics made by other embeddings than `model`'s: name every difference."""
-    expected = fingerprint(model)
-    different = [f"{key} {meta.get(key)!r} (the model: {expected[key]!r})" for key in FINGERPRINT if meta.get(key) != expected[key]]
-    if not torch.equal(channel_index, model.channel_index.cpu()):
-        different.append("the channel index")
+    different = embedding_differences(meta, channel_index, model)
     if different:
         raise ModelFileError(f"{where}: these statistics were made with other embeddings: {'; '.join(different)}")
 
