@@ -120,7 +120,8 @@ class PadimModel(Detector):
         place) and finalise again: exactly the model a fit on all the images would give."""
         if statistics is None:
             raise ValueError("updating a PaDiM model needs the statistics of its fit (padim_core.statistics)")
-        return self.fit_accumulator(self.accumulate(batches, into=statistics))
+        statistics += self.accumulate(batches)  # summed on the model's device, merged where the statistics are
+        return self.fit_accumulator(statistics)
 
     def _set_gaussian(self, mean: torch.Tensor, inv_covariance: torch.Tensor, grid_shape: tuple[int, int]) -> None:
         self.mean_ = mean.to(self.device)
