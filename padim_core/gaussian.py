@@ -106,10 +106,6 @@ class GaussianAccumulator:
         self.count += other.count
         return self
 
-    def to_cpu(self) -> "GaussianAccumulator":
-        """These sums on the CPU (to send them to another process)."""
-        return GaussianAccumulator(self.grid_shape, self.count, **{name: value.cpu() for name, value in self.tensors().items()})
-
     def tensors(self) -> dict[str, torch.Tensor]:
         """The running sums by name (all but the grid shape and the count)."""
         return {item.name: getattr(self, item.name) for item in fields(self)

@@ -14,6 +14,7 @@ of the fit.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,15 +53,51 @@ def embedding_differences(found: dict[str, Any], found_index: torch.Tensor | Non
     return different
 
 
-def encode_statistics(accumulator: GaussianAccumulator, model: Any, manifest: dict[str, Any] | None = None) -> bytes:
-    """The statistics file's bytes for `accumulator`, made by the embeddings of `model`."""
-    rows, columns = torch.triu_indices(accumulator.channels, accumulator.channels)
-    tensors = {}
-    for name, value in accumulator.tensors().items():
-        tensors[name] = (value[:, rows, columns] if name == "outer" else value).detach().cpu().contiguous()
-    tensors["channel_index"] = model.channel_index.cpu().contiguous()
+@dataclass
+class PackedSums:
+    """Running sums with only the upper triangle of each outer product: what the statistics file
+    and a shard of a sharded fit carry (about half the bytes). They merge by addition as they are."""
+
+    grid_shape: tuple[int, int]
+    count: int
+    tensors: dict[str, torch.Tensor]  # as GaussianAccumulator.tensors(), `outer` packed to [L, C (C + 1) / 2]
+
+    @classmethod
+    def of(cls, accumulator: GaussianAccumulator) -> "PackedSums":
+        rows, columns = torch.triu_indices(accumulator.channels, accumulator.channels)
+        tensors = {name: (value[:, rows, columns] if name == "outer" else value).detach().cpu().contiguous()
+                   for name, value in accumulator.tensors().items()}
+        return cls(tuple(accumulator.grid_shape), accumulator.count, tensors)
+
+    def unpack(self) -> GaussianAccumulator:
+        tensors = dict(self.tensors)
+        channels = tensors["total"].shape[1]
+        rows, columns = torch.triu_indices(channels, channels)
+        packed = tensors.pop("outer")
+        outer = torch.zeros(packed.shape[0], channels, channels, dtype=packed.dtype)
+        outer[:, rows, columns] = packed
+        outer[:, columns, rows] = packed
+        return GaussianAccumulator(grid_shape=self.grid_shape, count=self.count, outer=outer, **tensors)
+
+    def __iadd__(self, other: "PackedSums") -> "PackedSums":
+        if other.grid_shape != self.grid_shape or other.tensors.keys() != self.tensors.keys():
+            raise ValueError(f"sums of a {list(self.grid_shape)} and a {list(other.grid_shape)} grid do not add up")
+        for name, value in self.tensors.items():
+            value += other.tensors[name]
+        self.count += other.count
+        return self
+
+    @property
+    def nbytes(self) -> int:
+        return sum(tensor.numel() * tensor.element_size() for tensor in self.tensors.values())
+
+
+def encode_statistics(sums: GaussianAccumulator | PackedSums, model: Any, manifest: dict[str, Any] | None = None) -> bytes:
+    """The statistics file's bytes for `sums`, made by the embeddings of `model`."""
+    packed = sums if isinstance(sums, PackedSums) else PackedSums.of(sums)
+    tensors = {**packed.tensors, "channel_index": model.channel_index.cpu().contiguous()}
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **fingerprint(model),
-            "grid_shape": list(accumulator.grid_shape), "count": accumulator.count, "manifest": manifest}
+            "grid_shape": list(packed.grid_shape), "count": packed.count, "manifest": manifest}
     return save(tensors, metadata={METADATA_KEY: json.dumps(meta)})
 
 
@@ -86,16 +123,9 @@ def read_statistics(source: str | Path | bytes) -> tuple[GaussianAccumulator, di
         raise ModelFileError(f"statistics file {where}: format {meta.get('format')!r} version "
                              f"{meta.get('format_version')!r}, expected {FORMAT!r} version {FORMAT_VERSION}")
     channel_index = tensors.pop("channel_index")
-    channels = meta["n_features"]
-    grid = tuple(meta["grid_shape"])
-    rows, columns = torch.triu_indices(channels, channels)
-    packed = tensors.pop("outer")
-    outer = torch.zeros(packed.shape[0], channels, channels, dtype=packed.dtype)
-    outer[:, rows, columns] = packed
-    outer[:, columns, rows] = packed
     try:
-        accumulator = GaussianAccumulator(grid_shape=grid, count=int(meta["count"]), outer=outer, **tensors)
-    except TypeError as error:
+        accumulator = PackedSums(tuple(meta["grid_shape"]), int(meta["count"]), tensors).unpack()
+    except (TypeError, KeyError, RuntimeError) as error:
         raise ModelFileError(f"statistics file {where}: its sums do not fit this padim ({error})") from None
     return accumulator, meta, channel_index
 

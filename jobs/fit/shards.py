@@ -3,8 +3,11 @@ statistics that merge by addition (PaDiM's running sums) or union (PatchCore's c
 the model is finalised once from the merged statistics.
 
 The task that fits the category embeds the first shard itself and asks Ray for one task per
-other shard; shards run on any node and send back nothing but their statistics. It merges them
-in place as they arrive, so it holds at most two sets at a time however many shards there are.
+other shard; shards run on any node and send back nothing but their statistics (PaDiM's packed,
+`statistics.PackedSums`). Beyond `FAN_IN` other shards, Ray tasks merge them in groups of
+`FAN_IN` (a tree reduction), so the fitting task receives at most `FAN_IN` results. It merges
+them in place as they arrive and drops each at once: it holds its own set and one arriving set,
+however many shards there are.
 """
 
 from __future__ import annotations
@@ -17,13 +20,16 @@ from typing import Any, Sequence
 import torch
 
 from padim_core.detector import Detector
-from padim_core.gaussian import GaussianAccumulator
 from padim_core.loader import image_batches
+from padim_core.statistics import PackedSums
 
 SHARD_IMAGES = 4096
 """`fit.shards: auto` gives a category one shard per this many training images (see the README's
 planning figures: below it a shard's start-up and the statistics it sends back cost more than
 the embedding time it saves)."""
+
+FAN_IN = 4
+"""Results one merge (the fitting task's, or a merge task's) takes in; more shards are tree-reduced."""
 
 
 def shard_count(setting: str | int, images: int, batch_size: int) -> int:
@@ -62,11 +68,11 @@ class ShardRequest:
 
 @dataclass
 class ShardStatistics:
-    """What a shard sends back: PaDiM's sums, or PatchCore's coreset, and its grid and image count."""
+    """What a shard sends back: PaDiM's packed sums, or PatchCore's coreset, and its grid and image count."""
 
     grid_shape: tuple[int, int]
     images: int
-    sums: GaussianAccumulator | None = None
+    sums: PackedSums | None = None
     bank: torch.Tensor | None = None
 
     def __iadd__(self, other: "ShardStatistics") -> "ShardStatistics":
@@ -81,8 +87,7 @@ class ShardStatistics:
 
     @property
     def nbytes(self) -> int:
-        tensors = self.sums.tensors().values() if self.sums is not None else [self.bank]
-        return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+        return self.sums.nbytes if self.sums is not None else self.bank.numel() * self.bank.element_size()
 
 
 def embed_shard(detector: Detector, images: Sequence[Path], batch_size: int, workers: int) -> ShardStatistics:
@@ -90,7 +95,7 @@ def embed_shard(detector: Detector, images: Sequence[Path], batch_size: int, wor
     batches = image_batches(images, detector.transform.to_pixels, batch_size, workers)
     if detector.kind == "padim":
         sums = detector.accumulate(batches)
-        return ShardStatistics(sums.grid_shape, sums.count, sums=sums.to_cpu())
+        return ShardStatistics(sums.grid_shape, sums.count, sums=PackedSums.of(sums))
     coreset, grid = detector.accumulate(batches)
     return ShardStatistics(grid, len(images), bank=coreset.bank())
 
@@ -103,6 +108,14 @@ def shard_task(request: ShardRequest) -> ShardStatistics:
     return embed_shard(detector, [Path(path) for path in request.images], data.batch_size, data.num_workers)
 
 
+def merge_task(*parts: ShardStatistics) -> ShardStatistics:
+    """A Ray task: one level of the tree reduction."""
+    merged = parts[0]
+    for part in parts[1:]:
+        merged += part
+    return merged
+
+
 def fit_sharded(detector: Detector, request: ShardRequest, shards: int, resources: dict[str, Any]) -> ShardStatistics:
     """Fit `detector` on `request.images` in `shards` parts (the first here, the others as Ray
     tasks asking for `resources`), merging as they arrive; returns the merged statistics."""
@@ -112,13 +125,19 @@ def fit_sharded(detector: Detector, request: ShardRequest, shards: int, resource
     remote = ray.remote(shard_task).options(**resources)
     pending = [remote.remote(ShardRequest(request.config, request.kind, part, request.device, request.threads))
                for part in parts[1:]]
+    merge = ray.remote(merge_task).options(num_cpus=resources.get("num_cpus", 1))
+    while len(pending) > FAN_IN:
+        pending = [*pending[FAN_IN:], merge.remote(*pending[:FAN_IN])]
     data = request.config.data
     merged = embed_shard(detector, [Path(path) for path in parts[0]], data.batch_size, data.num_workers)
     while pending:
         (ready,), pending = ray.wait(pending, num_returns=1)
-        merged += ray.get(ready)
+        part = ray.get(ready)
+        del ready  # the object store may free its copy now
+        merged += part
+        del part
     if merged.sums is not None:
-        detector.fit_accumulator(merged.sums)
+        detector.fit_accumulator(merged.sums.unpack())
     else:
         detector.set_memory_bank(merged.bank, merged.grid_shape, merged.images)
     return merged
