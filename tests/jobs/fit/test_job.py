@@ -205,5 +205,6 @@ def test_a_unit_fits_on_its_split_and_logs_it(demo_root: Path, tmp_path: Path) -
     assert run.data.params["shards"] == "1"
     kept = Path(done.values["statistics_path"])
     assert kept == tmp_path / "statistics" / "padim" / "brick.safetensors" and kept.stat().st_size == done.values["statistics_bytes"]
-    sums, meta, _ = read_statistics(client.download_artifacts(run_id, "statistics/brick.safetensors", str(tmp_path / "run")))
-    assert sums.count == 4 and meta["manifest"] == split.to_dict() and kept.read_bytes() == (tmp_path / "run" / "statistics" / "brick.safetensors").read_bytes()
+    logged = Path(client.download_artifacts(run_id, "statistics/brick.safetensors", str(tmp_path)))
+    sums, meta, _ = read_statistics(logged)
+    assert sums.count == 4 and meta["manifest"] == split.to_dict() and kept.read_bytes() == logged.read_bytes()
