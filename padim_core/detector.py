@@ -108,6 +108,10 @@ class Detector(ABC):
         """Learn from batches of normal images (uint8 pixels or normalised, `[B, 3, H, W]`); returns self."""
 
     @abstractmethod
+    def update(self, batches: Iterable[torch.Tensor], statistics: Any = None) -> "Detector":
+        """Add new normal images to a fitted detector (PaDiM also needs the statistics of its fit)."""
+
+    @abstractmethod
     def _forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised images `[B, 3, H, W]` on the device -> (image scores `[B]`, maps `[B, H, W]`)."""
 

@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -49,31 +49,41 @@ class Evaluation:
     masks: np.ndarray  # [N, H, W] bool; all False where there is no mask
 
 
-def fit_detector(model: Detector, images: Sequence[Path], batch_size: int, workers: int) -> float:
-    """Fit on image files (decoded in background threads); returns the seconds it took."""
-    start = time.perf_counter()
+FitFunction = Callable[[Detector, list[Path]], None]
+"""Fits a detector on image files in place (the fit job's is sharded over Ray tasks)."""
+
+
+def fit_detector(model: Detector, images: Sequence[Path], batch_size: int, workers: int) -> None:
+    """Fit on image files, decoded in background threads."""
     model.fit(image_batches(images, model.transform.to_pixels, batch_size, workers))
-    return time.perf_counter() - start
 
 
 def evaluate_category(category: MvtecCategory, config: ExperimentConfig, device: str | None = None,
-                      kind: str | None = None, split: SplitManifest | None = None) -> Evaluation:
+                      kind: str | None = None, split: SplitManifest | None = None, *,
+                      model: Detector | None = None, fit: FitFunction | None = None) -> Evaluation:
     """Fit on the split's fit images, calibrate on its held-out normal images, judge on its test images.
 
-    `split` defaults to the one the config's `calibration` section describes. The test split
-    plays no part in the model: the threshold is conformal on the calibration images, and the
-    F1-optimal cut on the test split is reported as `oracle_f1_threshold` only.
+    `split` defaults to the one the config's `calibration` section describes. `model` (default:
+    a new one from the config) is fitted by `fit(model, fit_images)` (default: streamed in this
+    process); a given `model` without `fit` is taken as fitted and only calibrated and judged.
+    The test split plays no part in the model: the threshold is conformal on the calibration
+    images, and the F1-optimal cut on the test split is reported as `oracle_f1_threshold` only.
     """
     reset_peak_rss()
-    model = config.build_detector(kind, device)
+    fitted = model is not None and fit is None
+    model = model or config.build_detector(kind, device)
     split = split or config.calibration.split(category, model.min_fit_images)
     rate, warning = resolve_false_alarm_rate(config.calibration.false_alarm_rate, len(split.calibration))
     if warning:
         log.warning("%s: %s", category.name, warning)
     batch_size, workers = config.data.batch_size, config.data.num_workers
     fit_images = split.paths("fit")
-    log.info("%s: fitting %s on %d images (%s)", category.name, model.kind, len(fit_images), split.method)
-    fit_seconds = fit_detector(model, fit_images, batch_size, workers)
+    fit_seconds = None
+    if not fitted:
+        log.info("%s: fitting %s on %d images (%s)", category.name, model.kind, len(fit_images), split.method)
+        started = time.perf_counter()
+        (fit or (lambda model, images: fit_detector(model, images, batch_size, workers)))(model, fit_images)
+        fit_seconds = time.perf_counter() - started
     normal, normal_maps = score_all(model, split.paths("calibration"), batch_size, workers)
     calibration = Calibration.conformal(normal, rate)
     model.calibrate(calibration, normal_score_mean=float(normal.mean()), normal_score_max=float(normal.max()),
@@ -102,7 +112,7 @@ def evaluate_category(category: MvtecCategory, config: ExperimentConfig, device:
         "n_calibration": calibration.count,
         "n_test": len(samples),
         "fit_seconds": fit_seconds,
-        "fit_images_per_second": len(fit_images) / fit_seconds,
+        "fit_images_per_second": None if fit_seconds is None else len(fit_images) / fit_seconds,
         "predict_images_per_second": len(samples) / predict_seconds if samples else None,
         "model_size_mb": len(model.to_bytes()) / 1e6,
     }

@@ -23,7 +23,7 @@ Finalising turns the sums into a covariance per location and regularises it:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -90,20 +90,26 @@ class GaussianAccumulator:
         return self
 
     def __add__(self, other: "GaussianAccumulator") -> "GaussianAccumulator":
+        merged = GaussianAccumulator(self.grid_shape, self.count, **{name: value.clone() for name, value in self.tensors().items()})
+        merged += other
+        return merged
+
+    def __iadd__(self, other: "GaussianAccumulator") -> "GaussianAccumulator":
+        """Merge `other` into these sums in place (a driver merging shards then holds one set, not two)."""
         if (self.grid_shape, self.channels) != (other.grid_shape, other.channels):
             raise ValueError(
                 f"cannot merge accumulators of grid {list(self.grid_shape)} x {self.channels} channels and "
                 f"grid {list(other.grid_shape)} x {other.channels} channels"
             )
-        device = self.total.device
-        return GaussianAccumulator(
-            grid_shape=self.grid_shape,
-            count=self.count + other.count,
-            total=self.total + other.total.to(device),
-            outer=self.outer + other.outer.to(device),
-            norm4=self.norm4 + other.norm4.to(device),
-            norm2_x=self.norm2_x + other.norm2_x.to(device),
-        )
+        for name, value in other.tensors().items():
+            getattr(self, name).add_(value.to(getattr(self, name).device))
+        self.count += other.count
+        return self
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The running sums by name (all but the grid shape and the count)."""
+        return {item.name: getattr(self, item.name) for item in fields(self)
+                if isinstance(getattr(self, item.name), torch.Tensor)}
 
     def finalize(self, regularization: float = 0.01, *, shrinkage: str = "none",
                  regularization_scale: str = "absolute") -> tuple[torch.Tensor, torch.Tensor]:

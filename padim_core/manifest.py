@@ -21,7 +21,7 @@ import json
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -92,6 +92,11 @@ class SplitManifest:
 
     def save(self, path: str | Path) -> Path:
         return write_file(path, self.to_json())
+
+    def adding_fit(self, images: Sequence[Path]) -> "SplitManifest":
+        """This split with `images` added to its fit images (new normal images of an update)."""
+        added = tuple(_entry(self.root, Path(path)) for path in images)
+        return replace(self, method=f"{self.method}; {len(added)} images added", fit=self.fit + added)
 
     def at(self, root: str | Path) -> "SplitManifest":
         """The same split read under another category folder (the data moved or is mounted elsewhere)."""

@@ -115,6 +115,14 @@ class PadimModel(Detector):
     def fit(self, batches: Iterable[torch.Tensor]) -> "PadimModel":
         return self.fit_accumulator(self.accumulate(batches))
 
+    def update(self, batches: Iterable[torch.Tensor], statistics: GaussianAccumulator | None = None) -> "PadimModel":
+        """Add new normal images to the running sums of an earlier fit (`statistics`, which grow in
+        place) and finalise again: exactly the model a fit on all the images would give."""
+        if statistics is None:
+            raise ValueError("updating a PaDiM model needs the statistics of its fit (padim_core.statistics)")
+        statistics += self.accumulate(batches)  # summed on the model's device, merged where the statistics are
+        return self.fit_accumulator(statistics)
+
     def _set_gaussian(self, mean: torch.Tensor, inv_covariance: torch.Tensor, grid_shape: tuple[int, int]) -> None:
         self.mean_ = mean.to(self.device)
         self.inv_covariance_ = inv_covariance.to(self.device)

@@ -122,6 +122,16 @@ class PatchcoreModel(Detector):
         patches_per_image = grid[0] * grid[1] * self.augmentation.images_per_source
         return self.set_memory_bank(coreset.bank(), grid, coreset.seen // patches_per_image)
 
+    def update(self, batches: Iterable[torch.Tensor], statistics: None = None) -> "PatchcoreModel":
+        """Add new normal images: the coreset of their patches, made by the same streaming method
+        as the fit, joins the bank. Approximate: a refit would choose its coreset among all the
+        patches at once (the README measures how close the two come)."""
+        coreset, grid = self.accumulate(batches)
+        if grid != self.grid_shape_:
+            raise ValueError(f"new images give a {list(grid)} patch grid, the model has {list(self.grid_shape_)}")
+        added = coreset.seen // (grid[0] * grid[1])
+        return self.set_memory_bank(torch.cat([self.memory_bank_.float().cpu(), coreset.bank()]), grid, self.n_train_ + added)
+
     def set_memory_bank(self, bank: torch.Tensor, grid_shape: tuple[int, int], n_train: int) -> "PatchcoreModel":
         """Use `bank [M, C]` (rounded to `BANK_DTYPE`) as the memory bank of a `grid_shape` patch
         grid fitted on `n_train` images."""

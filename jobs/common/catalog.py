@@ -34,6 +34,7 @@ from padim_core.errors import ModelFileError, PadimError
 from padim_core.images import ImageTransform
 
 MODEL_SUFFIX = ".safetensors"
+STATISTICS = "statistics"
 REGISTRY = "registry"
 MODELS_SCHEME = "models:/"
 
@@ -63,6 +64,12 @@ class ModelEntry:
 def model_path(models_dir: str | Path, detector: str, category: str) -> Path:
     """Where jobs.fit puts the model of a (category, detector): `<models>/<detector>/<category>.safetensors`."""
     return Path(models_dir) / detector / f"{category}{MODEL_SUFFIX}"
+
+
+def statistics_path(models_dir: str | Path, detector: str, category: str) -> Path:
+    """Where jobs.fit keeps the statistics beside a model (`padim_core.statistics`):
+    `<models>/../statistics/<detector>/<category>.safetensors`."""
+    return Path(models_dir).parent / STATISTICS / detector / f"{category}{MODEL_SUFFIX}"
 
 
 def is_registry(text: str) -> bool:

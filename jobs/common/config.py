@@ -65,14 +65,33 @@ class TasksConfig(Section):
 
 @dataclass(frozen=True)
 class FitConfig(Section):
-    """jobs.fit: what each fit logs besides its metrics."""
+    """jobs.fit: how a category is spread over Ray tasks, what each fit keeps and logs besides its metrics."""
 
     section: ClassVar[str] = "fit"
 
     heatmap_examples: int = 4  # test heatmaps logged per category
+    keep_statistics: bool = True  # write PaDiM's running sums beside the model, so padim-update can add images
+    shards: str | int = "auto"  # Ray tasks per category; auto: one per jobs.fit.shards.SHARD_IMAGES fit images
 
     def __post_init__(self) -> None:
         self._check("heatmap_examples", check_int, 0)
+        self._check("keep_statistics", check_bool)
+        if self.shards != "auto":
+            if isinstance(self.shards, str):
+                raise ConfigError(f"fit.shards: {self.shards!r} is not allowed; allowed: 'auto', or an integer >= 1")
+            self._check("shards", check_int, 1)
+
+
+@dataclass(frozen=True)
+class UpdateConfig(Section):
+    """jobs.update: when a model grown with new normal images replaces the one it grew from."""
+
+    section: ClassVar[str] = "update"
+
+    max_auroc_drop: float = 0.01  # the alias moves when the new image AUROC >= the old one minus this
+
+    def __post_init__(self) -> None:
+        self._check("max_auroc_drop", check_float, "0 <= drop <= 1", lambda v: 0 <= v <= 1)
 
 
 @dataclass(frozen=True)
@@ -148,6 +167,7 @@ class JobConfig(ExperimentConfig):
 
     tasks: TasksConfig = field(default_factory=TasksConfig)
     fit: FitConfig = field(default_factory=FitConfig)
+    update: UpdateConfig = field(default_factory=UpdateConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     drift: DriftConfig = field(default_factory=DriftConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)

@@ -32,3 +32,7 @@ def demo() -> None:
 
 def compare() -> None:
     _console("jobs.compare.job")
+
+
+def update() -> None:
+    _console("jobs.update.job")

@@ -3,13 +3,15 @@
 Before anything runs, the driver splits each category (config section `calibration`): the
 images to fit on, the held-out normal images to calibrate on, the test images, written to
 `OUTPUT/manifests/<category>.json` with content hashes. Each (category, detector) is then one Ray
-task: fit on the fit images, set the conformal threshold on the calibration images (a normal
+task (which spreads a large category's fit images over `fit.shards` tasks: `jobs.fit.shards`):
+fit on the fit images, set the conformal threshold on the calibration images (a normal
 image is flagged with probability at most `calibration.false_alarm_rate`), judge on the test
 split, log metrics, the split (as an artifact and as the run's dataset inputs), pictures, the
 per-image score table and the model (registered as `<detector>-<category>`) to its MLflow child
 run under one parent run per invocation, and save the model to
-`OUTPUT/models/<detector>/<category>.safetensors`. A category that fails, fails alone: its run is
-marked FAILED with the reason and the others carry on. The driver writes `OUTPUT/metrics.json`
+`OUTPUT/models/<detector>/<category>.safetensors`, PaDiM's running sums (`fit.keep_statistics`,
+for padim-update) to `OUTPUT/statistics/<detector>/<category>.safetensors` and the run's
+`statistics/`. A category that fails, fails alone: its run is marked FAILED with the reason and the others carry on. The driver writes `OUTPUT/metrics.json`
 and prints a table.
 
 Without RAY_ADDRESS an embedded local Ray is started; without MLFLOW_TRACKING_URI (or
@@ -30,20 +32,22 @@ from typing import Any, Callable, Sequence
 from mlflow import MlflowClient
 
 from jobs.common import cli, runner, tracking
-from jobs.common.catalog import model_path
+from jobs.common.catalog import STATISTICS, model_path, statistics_path
 from jobs.common.comparison import write_comparison
 from jobs.common.config import JobConfig
 from jobs.common.pyfunc import log_pyfunc_model
 from jobs.common.runner import PerCategoryJob, RunContext, TaskResult, Unit
 from jobs.fit.artifacts import write_category_artifacts
+from jobs.fit.shards import ShardRequest, ShardStatistics, fit_sharded, shard_count
 from padim_core.calibration import resolve_false_alarm_rate
 from padim_core.command_line import command_parser
 from padim_core.datasets import MvtecCategory
-from padim_core.detector import detector_class
+from padim_core.detector import Detector, detector_class
 from padim_core.errors import DatasetError
 from padim_core.evaluate import evaluate_category
 from padim_core.manifest import SplitManifest
 from padim_core.safe_write import write_file
+from padim_core.statistics import encode_statistics
 
 MANIFESTS = "manifests"
 """OUTPUT/manifests/<category>.json: each category's split, shared by its detectors."""
@@ -79,6 +83,7 @@ class FitRequest:
     run_id: str
     device: str
     threads: int
+    num_gpus: float = 0.0  # per task, and so per shard task
 
 
 # ----------------------------------------------------------------------------- the task
@@ -106,11 +111,18 @@ def _fit(request: FitRequest, result: TaskResult) -> None:
     result.values.update(counts)
     print(f"[{unit.label}] started: {counts['n_train']} fit + {counts['n_calibration']} calibration + "
           f"{counts['n_test']} test images on {request.device} ({result.host}, {request.threads} threads)", flush=True)
-    tracking.log_values(client, run_id, params={**counts, "split": split.method},
+    shards = shard_count(config.fit.shards, roles["fit"], config.data.batch_size)
+    tracking.log_values(client, run_id, params={**counts, "split": split.method, "shards": shards},
                         tags={"device": request.device, "host": result.host})
     client.log_text(run_id, split.to_json(), f"manifest/{unit.category}.json")
     tracking.log_split_inputs(client, run_id, split)
-    evaluation = evaluate_category(category, config, request.device, unit.detector, split)
+    fitted: list[ShardStatistics] = []
+
+    def fit(model: Detector, images: list[Path]) -> None:
+        shard = ShardRequest(config, unit.detector, [str(path) for path in images], request.device, request.threads)
+        fitted.append(fit_sharded(model, shard, shards, {"num_cpus": config.tasks.num_cpus, "num_gpus": request.num_gpus}))
+
+    evaluation = evaluate_category(category, config, request.device, unit.detector, split, fit=fit)
     figures = evaluation.metrics
     result.values.update({key: _number(figures[key]) for key in SUMMARY_FIELDS})
     tracking.log_values(client, run_id, metrics={name: figures[key] for name, key in METRICS.items()},
@@ -118,6 +130,11 @@ def _fit(request: FitRequest, result: TaskResult) -> None:
     with tempfile.TemporaryDirectory(prefix=f"padim-fit-{unit.category}-") as scratch:
         artifacts = Path(scratch) / "artifacts"
         write_category_artifacts(evaluation, unit.category, artifacts, config.fit.heatmap_examples)
+        statistics = None
+        if config.fit.keep_statistics and fitted[0].sums is not None:
+            statistics = encode_statistics(fitted[0].sums, evaluation.model, split.to_dict())
+            write_file(artifacts / STATISTICS / f"{unit.category}.safetensors", statistics)
+            result.values["statistics_bytes"] = len(statistics)
         client.log_artifacts(run_id, str(artifacts))
         model_file = evaluation.model.save(Path(scratch) / f"{unit.category}.safetensors")
         settings = config.tracking
@@ -126,6 +143,9 @@ def _fit(request: FitRequest, result: TaskResult) -> None:
             registered_model_name=tracking.registered_name(unit.detector, unit.category) if settings.register_models else None,
             alias=settings.alias,
         )
+    if statistics is not None:
+        kept = statistics_path(request.models_dir, unit.detector, unit.category)
+        result.values["statistics_path"] = str(write_file(kept, statistics))
     target = model_path(request.models_dir, unit.detector, unit.category)
     result.values["model_path"] = str(evaluation.model.save(target))
 
@@ -171,7 +191,8 @@ class FitJob(PerCategoryJob):
     def request(self, unit: Unit, run_id: str, context: RunContext) -> FitRequest:
         return FitRequest(unit, str(self.root / unit.category), self.splits.get(unit.category), self.config,
                           str(self.output / "models"),
-                          context.tracking_uri, run_id, context.resources.device, context.resources.threads)
+                          context.tracking_uri, run_id, context.resources.device, context.resources.threads,
+                          context.resources.num_gpus)
 
     def parent_params(self) -> dict[str, Any]:
         return tracking.flat_params(self.config.to_dict())

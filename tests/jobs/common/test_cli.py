@@ -24,9 +24,11 @@ COMMANDS = {
     "padim-demo": ["(default: configs/demo.yaml)"],
     "padim-evaluate": ["category_dir", "(default: auto)"],
     "padim-compare": ["--output OUTPUT"],
+    "padim-update": ["--new-images NEW_IMAGES", "--from ORIGIN"],
 }
 MODULES = {"padim-fit": "jobs.fit.job", "padim-score": "jobs.score.job", "padim-shift": "jobs.shift.job",
-           "padim-demo": "jobs.demo.job", "padim-evaluate": "padim_core.evaluate", "padim-compare": "jobs.compare.job"}
+           "padim-demo": "jobs.demo.job", "padim-evaluate": "padim_core.evaluate", "padim-compare": "jobs.compare.job",
+           "padim-update": "jobs.update.job"}
 
 
 # --------------------------------------------------------------------------- exit codes

@@ -17,6 +17,7 @@ from jobs.fit import job as fit
 from padim_core.datasets import MvtecCategory
 from padim_core.demo_data import build_demo_dataset
 from padim_core.padim import PadimModel
+from padim_core.statistics import read_statistics
 
 from support.paths import DEMO_CONFIG
 from support.servers import free_port
@@ -200,3 +201,10 @@ def test_a_unit_fits_on_its_split_and_logs_it(demo_root: Path, tmp_path: Path) -
     assert {item.dataset.name for item in run.inputs.dataset_inputs} == {"brick-fit", "brick-calibration", "brick-test"}
     logged = client.download_artifacts(run_id, "manifest/brick.json", str(tmp_path))
     assert Path(logged).read_text() == split.to_json()
+    # fit.keep_statistics: the running sums beside the model and in the run, with the split they came from
+    assert run.data.params["shards"] == "1"
+    kept = Path(done.values["statistics_path"])
+    assert kept == tmp_path / "statistics" / "padim" / "brick.safetensors" and kept.stat().st_size == done.values["statistics_bytes"]
+    logged = Path(client.download_artifacts(run_id, "statistics/brick.safetensors", str(tmp_path)))
+    sums, meta, _ = read_statistics(logged)
+    assert sums.count == 4 and meta["manifest"] == split.to_dict() and kept.read_bytes() == logged.read_bytes()

@@ -1,0 +1,1 @@
+"""padim-update: grow fitted models with new normal images (jobs.update.job)."""

@@ -1,0 +1,3 @@
+from jobs.common.entry import update
+
+update()
