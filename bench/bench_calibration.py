@@ -44,7 +44,11 @@ import torch
 
 from jobs.common.config import DriftConfig
 from jobs.shift.report import verdicts
-from padim_core.calibration import Calibration, realised_false_alarm_rates, resolve_false_alarm_rate
+from padim_core.calibration import (
+    Calibration,
+    realised_false_alarm_rates,
+    resolve_false_alarm_rate,
+)
 from padim_core.config import load_config
 from padim_core.datasets import MvtecCategory
 from padim_core.demo_data import TEXTURE_TINTS, build_demo_dataset

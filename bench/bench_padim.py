@@ -29,7 +29,11 @@ from padim_core.acceleration import optimize_for_inference
 from padim_core.datasets import MvtecCategory
 from padim_core.loader import image_batches
 from padim_core.padim import PadimModel
-from tests.support.anomalib_reference import anomalib_fit, anomalib_padim, anomalib_predict
+from tests.support.anomalib_reference import (
+    anomalib_fit,
+    anomalib_padim,
+    anomalib_predict,
+)
 
 LAYERS = ["blocks.1", "blocks.2", "blocks.4"]
 DEFAULT_DATA = Path(os.environ.get("PADIM_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "mvtec_ad" / "bottle"

@@ -49,7 +49,11 @@ from padim_core.images import ImageTransform, load_mask  # noqa: E402
 from padim_core.loader import image_batches  # noqa: E402
 from padim_core.metrics import image_auroc, pixel_auroc  # noqa: E402
 from padim_core.patchcore import PatchcoreModel  # noqa: E402
-from tests.support.anomalib_reference import anomalib_patchcore, anomalib_patchcore_fit, anomalib_predict  # noqa: E402
+from tests.support.anomalib_reference import (  # noqa: E402
+    anomalib_patchcore,
+    anomalib_patchcore_fit,
+    anomalib_predict,
+)
 
 LAYERS = ["blocks.2", "blocks.4"]
 DEFAULT_RATIO = PatchcoreConfig.coreset_ratio

@@ -11,7 +11,6 @@ import random
 from pathlib import Path
 
 import pytest
-
 from support.paths import REPO_ROOT
 
 ORDERS = ("forward", "reverse", "random")

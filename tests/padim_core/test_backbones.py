@@ -7,7 +7,12 @@ import pytest
 import torch
 from skimage import data
 
-from padim_core.backbones import BACKBONES, FeatureExtractor, efficientnet_lite0_imagenet, get_backbone
+from padim_core.backbones import (
+    BACKBONES,
+    FeatureExtractor,
+    efficientnet_lite0_imagenet,
+    get_backbone,
+)
 from padim_core.errors import BackboneError, PadimError
 
 

@@ -10,6 +10,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
+from support.paths import DEMO_CONFIG
 
 from padim_core.calibration import (
     MAX_SCORES,
@@ -25,8 +26,6 @@ from padim_core.demo_data import build_demo_dataset
 from padim_core.errors import ConfigError, ModelFileError
 from padim_core.evaluate import fit_detector
 from padim_core.scoring import score_all
-
-from support.paths import DEMO_CONFIG
 
 JOB_SECTIONS = ("tasks", "fit", "scoring", "drift", "tracking", "output")
 

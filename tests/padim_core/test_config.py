@@ -8,6 +8,7 @@ import inspect
 
 import pytest
 import yaml
+from support.paths import CONFIGS
 
 from padim_core.augmentation import PhotometricAugmentation
 from padim_core.backbones import BACKBONES, get_backbone
@@ -23,8 +24,6 @@ from padim_core.config import (
 from padim_core.detector import KINDS, detector_class
 from padim_core.errors import ConfigError, PadimError
 from padim_core.padim import PadimModel
-
-from support.paths import CONFIGS
 
 JOB_SECTIONS = ("tasks", "fit", "scoring", "drift", "tracking", "output")
 """Top-level keys of the config files that the jobs read, not padim_core."""

@@ -6,7 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from padim_core.datasets import DatasetError, MvtecCategory, TestSample, discover_categories, list_images
+from padim_core.datasets import (
+    DatasetError,
+    MvtecCategory,
+    TestSample,
+    discover_categories,
+    list_images,
+)
 
 
 def touch(root: Path, *names: str) -> None:

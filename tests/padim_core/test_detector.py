@@ -5,14 +5,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from support.models import SIZE, pixels, rewrite_model_file
 
 from padim_core import detector as detector_module
 from padim_core.calibration import Calibration
-from padim_core.detector import KINDS, Detector, detector_class, image_pair, load_detector
+from padim_core.detector import (
+    KINDS,
+    Detector,
+    detector_class,
+    image_pair,
+    load_detector,
+)
 from padim_core.errors import ModelFileError
 from padim_core.padim import PadimModel
-
-from support.models import SIZE, pixels, rewrite_model_file
 
 
 class OtherKind(PadimModel):

@@ -7,7 +7,13 @@ import numpy as np
 import pytest
 
 from padim_core.calibration import Calibration
-from padim_core.drift import drift_test, level_counts, levels_of_p_values, null_draws, trimmed_mean
+from padim_core.drift import (
+    drift_test,
+    level_counts,
+    levels_of_p_values,
+    null_draws,
+    trimmed_mean,
+)
 
 
 def batch_counts(calibration: Calibration, scores: np.ndarray) -> np.ndarray:

@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from support.paths import DEMO_CONFIG
 
 from padim_core.config import load_config
 from padim_core.datasets import MvtecCategory
 from padim_core.demo_data import build_demo_dataset
 from padim_core.evaluate import evaluate_category
-from padim_core.robustness import ShiftFigures, evaluate_shifts, load_test_split, split_figures
-
-from support.paths import DEMO_CONFIG
+from padim_core.robustness import (
+    ShiftFigures,
+    evaluate_shifts,
+    load_test_split,
+    split_figures,
+)
 
 
 @pytest.fixture(scope="module")

@@ -13,10 +13,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from support.robustness_runs import (
+    Data,
+    Group,
+    evaluate_group,
+    load_data,
+    shifted_splits,
+)
 
-from bench.bench_robustness import Data, Group, evaluate_group, load_data, shifted_splits
 from padim_core.config import load_config
-from padim_core.shifts import SHIFTS, apply_shift
+from padim_core.shifts import apply_shift
 
 pytestmark = pytest.mark.slow
 

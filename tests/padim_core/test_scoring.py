@@ -8,14 +8,19 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from support.images import encode, noise_png
+from support.models import SIZE, pixels
 
 from padim_core.calibration import Calibration
 from padim_core.detector import load_detector
 from padim_core.errors import ImageDecodeError
-from padim_core.scoring import BatchScores, decode_each, score_all, score_batch, score_files
-
-from support.images import encode, noise_png
-from support.models import SIZE, pixels
+from padim_core.scoring import (
+    BatchScores,
+    decode_each,
+    score_all,
+    score_batch,
+    score_files,
+)
 
 
 @pytest.fixture(scope="module")

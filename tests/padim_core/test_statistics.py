@@ -12,7 +12,13 @@ from padim_core.loader import image_batches
 from padim_core.padim import PadimModel
 from padim_core.patchcore import PatchcoreModel
 from padim_core.scoring import score_batch
-from padim_core.statistics import check_compatible, embedding_differences, fingerprint, read_statistics, write_statistics
+from padim_core.statistics import (
+    check_compatible,
+    embedding_differences,
+    fingerprint,
+    read_statistics,
+    write_statistics,
+)
 
 SETTINGS = dict(backbone="efficientnet_lite0", layers=["blocks.1", "blocks.2"], n_features=24, image_size=64, device="cpu")
 

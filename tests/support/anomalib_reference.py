@@ -8,7 +8,9 @@ import torch
 import torch.nn.functional as F
 from anomalib.models.image.padim.torch_model import PadimModel as AnomalibPadim
 from anomalib.models.image.patchcore.anomaly_map import AnomalyMapGenerator
-from anomalib.models.image.patchcore.torch_model import PatchcoreModel as AnomalibPatchcore
+from anomalib.models.image.patchcore.torch_model import (
+    PatchcoreModel as AnomalibPatchcore,
+)
 
 from padim_core.backbones import efficientnet_lite0_imagenet
 

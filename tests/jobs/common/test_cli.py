@@ -10,11 +10,10 @@ import time
 from pathlib import Path
 
 import pytest
+from support.paths import BIN, DEMO_CONFIG
 
 from jobs.common import cli
 from padim_core.errors import ConfigError, DatasetError
-
-from support.paths import BIN, DEMO_CONFIG
 
 COMMANDS = {
     # command -> what its --help must show besides the description and the example

@@ -6,12 +6,17 @@ import dataclasses
 
 import pytest
 import yaml
+from support.paths import CONFIGS, DEMO_CONFIG
 
-from jobs.common.config import JobConfig, ScoringConfig, TasksConfig, TrackingConfig, load_job_config
+from jobs.common.config import (
+    JobConfig,
+    ScoringConfig,
+    TasksConfig,
+    TrackingConfig,
+    load_job_config,
+)
 from padim_core.config import ExperimentConfig, config_from_dict, load_config
 from padim_core.errors import ConfigError
-
-from support.paths import CONFIGS, DEMO_CONFIG
 
 
 def test_defaults_without_a_file():

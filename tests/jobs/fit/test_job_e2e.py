@@ -20,9 +20,6 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-
-from padim_core.demo_data import build_demo_dataset
-
 from support.paths import BIN, DEMO_CONFIG, REPO_ROOT
 from support.servers import (
     free_port,
@@ -35,6 +32,8 @@ from support.servers import (
     wait_for_http,
 )
 from support.tracking import runs_by_name, version_files
+
+from padim_core.demo_data import build_demo_dataset
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,13 @@ import numpy as np
 import pyarrow as pa
 
 from jobs.common.config import DriftConfig
-from jobs.score.drift import DriftCounter, drift_file, drift_lines, drift_metrics, write_drift_file
+from jobs.score.drift import (
+    DriftCounter,
+    drift_file,
+    drift_lines,
+    drift_metrics,
+    write_drift_file,
+)
 from jobs.score.table import row_schema
 from padim_core.calibration import Calibration
 from padim_core.drift import drift_test, level_counts

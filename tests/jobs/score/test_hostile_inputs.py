@@ -18,14 +18,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from mlflow import MlflowClient
-
-from jobs.common.config import load_job_config
-from jobs.score.job import ScoreRequest, prepare, run, score
-
 from support.hostile import build_corpus
 from support.images import bottle_photos
 from support.paths import BIN, REPO_ROOT
 from support.servers import kill_processes, wait_for_line
+
+from jobs.common.config import load_job_config
+from jobs.score.job import ScoreRequest, prepare, run, score
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,13 @@ import numpy as np
 import pyarrow as pa
 
 from jobs.score.drift import DriftResult
-from jobs.score.summary import ScoreSample, ScoreSummary, Tally, format_summary, progress_line
+from jobs.score.summary import (
+    ScoreSample,
+    ScoreSummary,
+    Tally,
+    format_summary,
+    progress_line,
+)
 from jobs.score.table import row_schema
 from padim_core.drift import DriftTest
 
