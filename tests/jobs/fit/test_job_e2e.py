@@ -170,7 +170,7 @@ def test_ray_job_submit_fits_both_detectors_then_they_score_shift_and_compare(
             assert list((server_folder / "artifacts").rglob("scores.parquet"))
             # the splits are the runs' dataset inputs, searchable over HTTP
             found = client.search_runs([experiment.experiment_id], "dataset.context = 'calibration'")
-            assert sorted(run.info.run_name for run in found) == [f"{name}-padim" for name in categories]
+            assert sorted(run.info.run_name for run in found) == sorted(children)  # every (category, detector)
             inputs = {item.dataset.name: item.tags[0].value for item in children["brick-padim"].inputs.dataset_inputs}
             assert inputs == {"brick-fit": "training", "brick-calibration": "calibration", "brick-test": "testing"}
 
