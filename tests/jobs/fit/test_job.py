@@ -206,4 +206,5 @@ def test_a_unit_fits_on_its_split_and_logs_it(demo_root: Path, tmp_path: Path) -
     assert kept == tmp_path / "statistics" / "padim" / "brick.safetensors" and kept.stat().st_size == done.values["statistics_bytes"]
     logged = Path(client.download_artifacts(run_id, "statistics/brick.safetensors", str(tmp_path)))
     sums, meta, _ = read_statistics(logged)
-    assert sums.count == 4 and meta["manifest"] == split.to_dict() and kept.read_bytes() == logged.read_bytes()
+    # every fit image and its augmented copies are samples of the sums
+    assert sums.count == 4 * config.padim.augmentation.images_per_source == 8 and meta["manifest"] == split.to_dict() and kept.read_bytes() == logged.read_bytes()
