@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from jobs.common.config import DriftConfig
+from jobs.common.config import JOB_SECTIONS, DriftConfig
 from jobs.shift.report import verdicts
 from padim_core.calibration import (
     Calibration,
@@ -59,7 +59,6 @@ from padim_core.scoring import score_all
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_BOTTLE = Path(os.environ.get("PADIM_TEST_DATA", REPO.parent / "shared" / "data")) / "mvtec_ad" / "bottle"
-JOB_SECTIONS = ("tasks", "fit", "scoring", "drift", "tracking", "output")
 RATES = (0.01, 0.05, 0.1)
 CALIBRATION_COUNT = 99  # the fewest images alpha = 0.01 needs
 PHOTOMETRIC = ("brightness", "contrast", "noise", "jpeg", "colour_temperature")

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from jobs.common.config import JOB_SECTIONS
 from padim_core.config import load_config
 from tests.support.robustness_runs import (
     evaluate_group,
@@ -110,7 +111,7 @@ def main() -> None:
     for text in args.variant or ["default="]:
         name, overrides = parse_variant(text)
         size = [f"{kind}.image_size={args.image_size}" for kind in ("padim", "patchcore")]
-        configs[name] = load_config(args.config, size + overrides, others=("tasks", "fit", "scoring", "tracking", "output"))
+        configs[name] = load_config(args.config, size + overrides, others=JOB_SECTIONS)
     for group in groups_of(configs):
         started = time.perf_counter()
         group.fit(data.fit, args.batch_size)

@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
@@ -180,6 +180,11 @@ class JobConfig(ExperimentConfig):
     @property
     def output_folder(self) -> Path:
         return Path(self.output).expanduser().resolve()
+
+
+JOB_SECTIONS = tuple(item.name for item in fields(JobConfig) if item.name not in {core.name for core in fields(ExperimentConfig)})
+"""The keys of a config file that belong to the jobs: `padim_core.config.load_config(..., others=JOB_SECTIONS)`
+reads a whole file for the detectors alone."""
 
 
 def load_job_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> JobConfig:

@@ -12,6 +12,7 @@ import pytest
 import torch
 from support.paths import DEMO_CONFIG
 
+from jobs.common.config import JOB_SECTIONS
 from padim_core.calibration import (
     MAX_SCORES,
     Calibration,
@@ -26,8 +27,6 @@ from padim_core.demo_data import build_demo_dataset
 from padim_core.errors import ConfigError, ModelFileError
 from padim_core.evaluate import fit_detector
 from padim_core.scoring import score_all
-
-JOB_SECTIONS = ("tasks", "fit", "scoring", "drift", "tracking", "output")
 
 
 def test_anomalous_means_strictly_above_the_threshold() -> None:

@@ -10,6 +10,7 @@ import pytest
 import yaml
 from support.paths import CONFIGS
 
+from jobs.common.config import JOB_SECTIONS
 from padim_core.augmentation import PhotometricAugmentation
 from padim_core.backbones import BACKBONES, get_backbone
 from padim_core.config import (
@@ -25,7 +26,6 @@ from padim_core.detector import KINDS, detector_class
 from padim_core.errors import ConfigError, PadimError
 from padim_core.padim import PadimModel
 
-JOB_SECTIONS = ("tasks", "fit", "scoring", "drift", "tracking", "output")
 """Top-level keys of the config files that the jobs read, not padim_core."""
 
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from support.paths import DEMO_CONFIG
 
+from jobs.common.config import JOB_SECTIONS
 from padim_core.config import load_config
 from padim_core.datasets import MvtecCategory
 from padim_core.demo_data import build_demo_dataset
@@ -23,7 +24,7 @@ from padim_core.robustness import (
 def evaluated(tmp_path_factory: pytest.TempPathFactory):
     root = build_demo_dataset(tmp_path_factory.mktemp("demo") / "data", train=16, test_good=6, test_defect=3, size=96)
     overrides = ["padim.image_size=96", "padim.n_features=40", "data.batch_size=8", "data.num_workers=1"]
-    config = load_config(DEMO_CONFIG, overrides, others=("tasks", "fit", "scoring", "drift", "tracking", "output"))
+    config = load_config(DEMO_CONFIG, overrides, others=JOB_SECTIONS)
     category = MvtecCategory.from_folder(root / "brick")
     evaluation = evaluate_category(category, config, "cpu")
     split = load_test_split(category, evaluation.model.transform, batch_size=8, workers=1)

@@ -21,6 +21,7 @@ from support.robustness_runs import (
     shifted_splits,
 )
 
+from jobs.common.config import JOB_SECTIONS
 from padim_core.config import load_config
 from padim_core.shifts import apply_shift
 
@@ -44,7 +45,7 @@ def data(mvtec_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Data:
 
 
 def _config(*overrides: str):
-    return load_config(None, [f"padim.image_size={SIZE}", *overrides], others=("tasks", "fit", "scoring", "tracking", "output"))
+    return load_config(None, [f"padim.image_size={SIZE}", *overrides], others=JOB_SECTIONS)
 
 
 def test_the_default_config_reproduces_the_readmes_small_subset_figures(data: Data) -> None:

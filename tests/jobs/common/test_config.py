@@ -9,6 +9,7 @@ import yaml
 from support.paths import CONFIGS, DEMO_CONFIG
 
 from jobs.common.config import (
+    JOB_SECTIONS,
     JobConfig,
     ScoringConfig,
     TasksConfig,
@@ -37,7 +38,7 @@ def test_the_shipped_configs_load_and_round_trip(name):
     plain = config.to_dict()
     assert config_from_dict(yaml.safe_load(yaml.safe_dump(plain)), JobConfig) == config
     # the same file read by padim_core alone, the jobs' sections left to their reader
-    core = load_config(CONFIGS / name, others=("tasks", "fit", "scoring", "drift", "tracking", "output"))
+    core = load_config(CONFIGS / name, others=JOB_SECTIONS)
     assert all(getattr(core, item.name) == getattr(config, item.name) for item in dataclasses.fields(ExperimentConfig))
 
 
