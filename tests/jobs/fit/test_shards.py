@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import ray
 import torch
 
 from jobs.common.config import load_job_config
@@ -23,16 +22,6 @@ def test_shard_count_and_split() -> None:
     assert shard_count("auto", 10, 4) == 1 and shard_count("auto", 10_000, 32) == 3 and shard_count(4, 5, 2) == 3
     parts = split([Path(str(i)) for i in range(15)], 3, 2)  # 8 batches of 2 (the last of 1): 3, 3, 2 batches
     assert [len(part) for part in parts] == [6, 6, 3] and sum(parts, []) == [Path(str(i)) for i in range(15)]
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=2, include_dashboard=False)
-    yield
-    if started:
-        ray.shutdown()
 
 
 def test_a_sharded_padim_fit_equals_the_single_task_fit_for_any_split(mvtec_root: Path, ray_session: None) -> None:

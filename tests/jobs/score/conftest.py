@@ -1,11 +1,10 @@
-"""Fixtures of the jobs.score tests: a small PaDiM model of bottle and an embedded Ray session."""
+"""Fixtures of the jobs.score tests: a small PaDiM model of bottle."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-import ray
 import torch
 from support.images import bottle_photos
 
@@ -30,14 +29,3 @@ def model_file(bottle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     scores, maps = model.predict(torch.stack([model.transform.to_pixels(path) for path in bottle_photos(bottle)]))
     model.calibrate(Calibration.conformal(scores, false_alarm_rate=0.5), map_min=float(maps.min()), map_max=float(maps.max()))
     return model.save(tmp_path_factory.mktemp("model") / "bottle.safetensors")
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    """Ray for one test module (the CLI tests check that a refused job never starts one)."""
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=2, include_dashboard=False)
-    yield
-    if started:
-        ray.shutdown()
