@@ -100,13 +100,14 @@ class PhotometricAugmentation:
             image = SHIFTS["jpeg"].apply(image, quality, generator)
         return image
 
-    def expand(self, batches: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
+    def expand(self, batches: Iterable[torch.Tensor], first: int = 0) -> Iterator[torch.Tensor]:
         """Each batch as given, then its `copies` augmented versions, one batch each (so a batch
-        in flight stays the size it was). With no copies, the batches pass through untouched."""
+        in flight stays the size it was). With no copies, the batches pass through untouched.
+        `first` is the index of the first image among all the training images (a shard's or an
+        update's offset), so that every image gets the same copies however the fit is split."""
         if not self.copies:
             yield from batches
             return
-        first = 0
         for batch in batches:
             if batch.dtype != torch.uint8:
                 raise ValueError(

@@ -90,11 +90,12 @@ class PadimModel(Detector):
         """Patch embeddings `[h, w, B, n_features]` of an image batch."""
         return self.run_optimized("embedder", lambda: self.embedder, self.prepare(images))
 
-    def accumulate(self, batches: Iterable[torch.Tensor], into: GaussianAccumulator | None = None) -> GaussianAccumulator:
-        """Stream image batches (and their augmented copies) into a Gaussian accumulator (mergeable
-        across workers by `+`)."""
+    def accumulate(self, batches: Iterable[torch.Tensor], into: GaussianAccumulator | None = None,
+                   first: int = 0) -> GaussianAccumulator:
+        """Stream image batches (and their augmented copies; `first`: the index of the first image
+        among all the training images) into a Gaussian accumulator (mergeable across workers by `+`)."""
         accumulator = into
-        for batch in self.augmentation.expand(batches):
+        for batch in self.augmentation.expand(batches, first):
             embedding = self.embed(batch)
             height, width, count, channels = embedding.shape
             if accumulator is None:
@@ -120,7 +121,7 @@ class PadimModel(Detector):
         place) and finalise again: exactly the model a fit on all the images would give."""
         if statistics is None:
             raise ValueError("updating a PaDiM model needs the statistics of its fit (padim_core.statistics)")
-        statistics += self.accumulate(batches)  # summed on the model's device, merged where the statistics are
+        statistics += self.accumulate(batches, first=statistics.count // self.augmentation.images_per_source)  # summed on the model's device, merged where the statistics are
         return self.fit_accumulator(statistics)
 
     def _set_gaussian(self, mean: torch.Tensor, inv_covariance: torch.Tensor, grid_shape: tuple[int, int]) -> None:

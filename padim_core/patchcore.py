@@ -104,12 +104,13 @@ class PatchcoreModel(Detector):
         ratio = self.coreset_ratio / self.augmentation.images_per_source
         return StreamingCoreset(self.embedding_size, ratio, self.seed, self.chunk_patches, self.projection_dim)
 
-    def accumulate(self, batches: Iterable[torch.Tensor], into: StreamingCoreset | None = None) -> tuple[StreamingCoreset, tuple[int, int]]:
-        """Stream image batches (and their augmented copies) into a coreset; returns it with the
-        patch grid's shape."""
+    def accumulate(self, batches: Iterable[torch.Tensor], into: StreamingCoreset | None = None,
+                   first: int = 0) -> tuple[StreamingCoreset, tuple[int, int]]:
+        """Stream image batches (and their augmented copies; `first`: the index of the first image
+        among all the training images) into a coreset; returns it with the patch grid's shape."""
         coreset = into or self.new_coreset()
         grid = None
-        for batch in self.augmentation.expand(batches):
+        for batch in self.augmentation.expand(batches, first):
             features = self.embed(batch)
             grid = tuple(features.shape[-2:])
             coreset.add(features.permute(0, 2, 3, 1).reshape(-1, self.embedding_size))
@@ -126,10 +127,10 @@ class PatchcoreModel(Detector):
         """Add new normal images: the coreset of their patches, made by the same streaming method
         as the fit, joins the bank. Approximate: a refit would choose its coreset among all the
         patches at once (the README measures how close the two come)."""
-        coreset, grid = self.accumulate(batches)
+        coreset, grid = self.accumulate(batches, first=self.n_train_)
         if grid != self.grid_shape_:
             raise ValueError(f"new images give a {list(grid)} patch grid, the model has {list(self.grid_shape_)}")
-        added = coreset.seen // (grid[0] * grid[1])
+        added = coreset.seen // (grid[0] * grid[1] * self.augmentation.images_per_source)
         return self.set_memory_bank(torch.cat([self.memory_bank_.float().cpu(), coreset.bank()]), grid, self.n_train_ + added)
 
     def set_memory_bank(self, bank: torch.Tensor, grid_shape: tuple[int, int], n_train: int) -> "PatchcoreModel":

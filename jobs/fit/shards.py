@@ -64,6 +64,7 @@ class ShardRequest:
     images: list[str]
     device: str
     threads: int
+    first: int = 0  # the index of the shard's first image among the category's fit images
 
 
 @dataclass
@@ -90,13 +91,14 @@ class ShardStatistics:
         return self.sums.nbytes if self.sums is not None else self.bank.numel() * self.bank.element_size()
 
 
-def embed_shard(detector: Detector, images: Sequence[Path], batch_size: int, workers: int) -> ShardStatistics:
-    """`images` through `detector`'s embedding into mergeable statistics (nothing is finalised)."""
+def embed_shard(detector: Detector, images: Sequence[Path], batch_size: int, workers: int, first: int = 0) -> ShardStatistics:
+    """`images` (the first of them image `first` of the category) through `detector`'s embedding
+    into mergeable statistics (nothing is finalised)."""
     batches = image_batches(images, detector.transform.to_pixels, batch_size, workers)
     if detector.kind == "padim":
-        sums = detector.accumulate(batches)
-        return ShardStatistics(sums.grid_shape, sums.count, sums=PackedSums.of(sums))
-    coreset, grid = detector.accumulate(batches)
+        sums = detector.accumulate(batches, first=first)
+        return ShardStatistics(sums.grid_shape, len(images), sums=PackedSums.of(sums))
+    coreset, grid = detector.accumulate(batches, first=first)
     return ShardStatistics(grid, len(images), bank=coreset.bank())
 
 
@@ -105,7 +107,7 @@ def shard_task(request: ShardRequest) -> ShardStatistics:
     torch.set_num_threads(request.threads)
     detector = request.config.build_detector(request.kind, request.device)
     data = request.config.data
-    return embed_shard(detector, [Path(path) for path in request.images], data.batch_size, data.num_workers)
+    return embed_shard(detector, [Path(path) for path in request.images], data.batch_size, data.num_workers, request.first)
 
 
 def merge_task(*parts: ShardStatistics) -> ShardStatistics:
@@ -123,8 +125,9 @@ def fit_sharded(detector: Detector, request: ShardRequest, shards: int, resource
 
     parts = split(request.images, shards, request.config.data.batch_size)
     remote = ray.remote(shard_task).options(**resources)
-    pending = [remote.remote(ShardRequest(request.config, request.kind, part, request.device, request.threads))
-               for part in parts[1:]]
+    firsts = [sum(len(part) for part in parts[:index]) for index in range(len(parts))]
+    pending = [remote.remote(ShardRequest(request.config, request.kind, part, request.device, request.threads, first))
+               for part, first in zip(parts[1:], firsts[1:])]
     merge = ray.remote(merge_task).options(num_cpus=resources.get("num_cpus", 1))
     while len(pending) > FAN_IN:
         pending = [*pending[FAN_IN:], merge.remote(*pending[:FAN_IN])]
