@@ -21,9 +21,11 @@
    the first severity that breaks detection by the shift report's rule (`jobs.shift.report`).
 
 3. The statistic (`--parts statistic`, simulated scores, no images): why the mean of the upper
-   half of the p-values (the default `drift.trim`). With 42 calibration scores, batches of 20 (18 normal + 2 defects) and of
-   1,000 (900 + 100): how often each trim raises the alarm with no drift but 10% defects, and
-   how often it detects normal scores risen by 0.3 standard deviations.
+   half of the p-values (`drift.trim`) against a null that allows 10% defects
+   (`drift.defect_share`). With 42 calibration scores and batches of 20 (18 normal + 2 defects)
+   and 1,000 (900 + 100), and with 1,000 calibration scores and batches of 1,000: how often each
+   design raises the alarm with no drift but 10% defects, and how often it detects the normal
+   scores risen by 0.3 standard deviations.
 
 `--scores FILE.npz` keeps the scores: a second run with the same file only re-splits and
 re-samples.
@@ -41,11 +43,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy.stats import betabinom
 
 from jobs.common.config import JOB_SECTIONS, DriftConfig
 from jobs.shift.report import verdicts
 from padim_core.calibration import (
     Calibration,
+    conformal_rank,
     realised_false_alarm_rates,
     resolve_false_alarm_rate,
 )
@@ -159,10 +163,18 @@ def alarm_rate(calibration: Calibration, labels: np.ndarray, scores: np.ndarray,
         chosen = np.concatenate([rng.choice(normal, BATCH_NORMAL, replace=False),
                                  rng.choice(defective, BATCH_DEFECTIVE, replace=False)])
         counts = level_counts(calibration.exceeding(scores[chosen]), calibration.count)
-        test = drift_test(counts, calibration.count, trim=settings.trim, alpha=settings.alpha, draws=settings.draws,
+        test = drift_test(counts, calibration.count, trim=settings.trim, defect_share=settings.defect_share,
+                          alpha=settings.alpha, draws=settings.draws,
                           seed=settings.seed + index, min_images=settings.min_images)
         alarms += bool(test.alarm)
     return alarms
+
+
+def chance_of_as_many_flagged(calibration: Calibration, flagged: int, images: int) -> float:
+    """P(at least `flagged` of `images` normal images above the conformal threshold) with no drift
+    at all: exchangeable with the calibration scores, the count is beta-binomial (images, n + 1 - k, k)."""
+    rank = conformal_rank(calibration.count, calibration.false_alarm_rate)
+    return float(betabinom(images, calibration.count + 1 - rank, rank).sf(flagged - 1))
 
 
 def alarm(bottle: Path, cache: dict[str, np.ndarray], batches: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -174,9 +186,11 @@ def alarm(bottle: Path, cache: dict[str, np.ndarray], batches: int) -> tuple[lis
         _, shift, severity = key.split("/")
         scores = stored[key]
         level, *figures = stored[f"figures/{shift}/{severity}"].tolist()
-        realised = float(calibration.is_anomalous(scores[labels == 0]).mean())
+        flagged = calibration.is_anomalous(scores[labels == 0])
+        realised = float(flagged.mean())
         rows.append({"shift": None if shift == "None" else shift, "severity": int(severity),
                      "level": None if shift == "None" else level, "realised_false_alarm_rate": realised,
+                     "chance_with_no_drift": chance_of_as_many_flagged(calibration, int(flagged.sum()), flagged.size),
                      "must_alarm": realised > 3 * rate, "alarms": alarm_rate(calibration, labels, scores, batches, settings),
                      "batches": batches, **{k: None if np.isnan(v) else v for k, v in zip(FIGURE_KEYS, figures)}})
     rows.sort(key=lambda row: (PHOTOMETRIC.index(row["shift"]) if row["shift"] else -1, row["severity"]))
@@ -197,26 +211,30 @@ def alarm(bottle: Path, cache: dict[str, np.ndarray], batches: int) -> tuple[lis
 
 
 # ------------------------------------------------------------------------------ statistic
-TRIMS = (0.0, 0.2, 0.3, 0.5)
-SIMULATED = 400
+DESIGNS = ((0.0, 0.0), (0.5, 0.0), (0.0, 0.1), (0.5, 0.1))  # (trim, defect_share)
+SIMULATED = 200
 
 
 def statistic_rows() -> list[dict[str, Any]]:
-    """Alarm rates of each trim on simulated normal (N(0, 1)) and defective (N(8, 1)) scores."""
+    """Alarm rates of each (trim, defect_share) on simulated normal (N(0, 1)) and defective
+    (N(8, 1)) scores, against 42 and 1,000 calibration scores."""
     rows = []
-    for images, defects in ((20, 2), (1000, 100)):
-        for trim in TRIMS:
+    for count, images, defects in ((42, 20, 2), (42, 1000, 100), (1000, 1000, 100)):
+        rate = 1 / (count + 1) if count < 99 else 0.01
+        for trim, defect_share in DESIGNS:
             rng = np.random.default_rng(0)
             quiet = risen = 0
             for index in range(SIMULATED):
-                calibration = Calibration.conformal(rng.normal(size=42), 1 / 43)
+                calibration = Calibration.conformal(rng.normal(size=count), rate)
                 normal, defective = rng.normal(size=images - defects), rng.normal(8, 1, size=defects)
-                for scores, is_risen in ((np.concatenate([normal, defective]), False), (normal + 0.3, True)):
-                    counts = level_counts(calibration.exceeding(scores), 42)
-                    alarm = drift_test(counts, 42, trim=trim, draws=2000, seed=index).alarm
+                for scores, is_risen in ((np.concatenate([normal, defective]), False),
+                                         (np.concatenate([normal + 0.3, defective]), True)):
+                    counts = level_counts(calibration.exceeding(scores), count)
+                    alarm = drift_test(counts, count, trim=trim, defect_share=defect_share, draws=1000, seed=index).alarm
                     risen += alarm and is_risen
                     quiet += alarm and not is_risen
-            rows.append({"batch": f"{images - defects} + {defects}", "trim": trim, "alarms_with_defects": quiet / SIMULATED,
+            rows.append({"calibration": count, "batch": f"{images - defects} + {defects}", "trim": trim,
+                         "defect_share": defect_share, "alarms_with_defects": quiet / SIMULATED,
                          "detected_rise": risen / SIMULATED})
     return rows
 
@@ -271,7 +289,7 @@ def main() -> None:
         print_table(report["alarm"], [
             ("shift", "shift", ""), ("severity", "severity", ""), ("level", "level", "g"),
             ("image AUROC", "image_auroc", ".3f"), ("false alarms on normal", "realised_false_alarm_rate", ".2f"),
-            ("must alarm", "must_alarm", ""), ("alarms", "alarms", "")])
+            ("as many by chance", "chance_with_no_drift", ".3f"), ("must alarm", "must_alarm", ""), ("alarms", "alarms", "")])
         print("\nPer shift: first severity detected (>= 95 alarms) beside the first that breaks detection")
         print_table(report["alarm_summary"], [
             ("shift", "shift", ""), ("first detected", "first_detected", ""),
@@ -280,9 +298,10 @@ def main() -> None:
             ("every such severity detected", "every_damaged_severity_detected", "")])
     if "statistic" in report:
         print(f"\nThe statistic on simulated scores ({SIMULATED} batches each; alarm below 0.01): alarms with 10% "
-              "defects and no drift, and detections of normal scores risen by 0.3 sd")
+              "defects and no drift, and detections of the same batches with normal scores risen by 0.3 sd")
         print_table(report["statistic"], [
-            ("batch (normal + defective)", "batch", ""), ("trim", "trim", ".1f"),
+            ("calibration", "calibration", ""), ("batch (normal + defective)", "batch", ""), ("trim", "trim", ".1f"),
+            ("defect_share", "defect_share", ".1f"),
             ("alarms, no drift", "alarms_with_defects", ".3f"), ("detected rise", "detected_rise", ".3f")])
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")

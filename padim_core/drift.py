@@ -10,9 +10,17 @@ size, at a cost that depends on n and not on m.
 
 The statistic is the mean of the batch's p-values after dropping the smallest `trim` share:
 drift that makes normal images score higher pulls every p-value down and the mean with it,
-while a modest share of real defects only adds small p-values, which are the ones dropped.
-The test is one-sided (scores higher than calibrated is what floods a line with false alarms).
-Its p-value is (1 + #{draws <= observed}) / (1 + draws), the usual valid Monte Carlo p-value.
+while real defects only add small p-values, which are the ones dropped. The test is one-sided
+(scores higher than calibrated is what floods a line with false alarms). Its p-value is
+(1 + #{draws <= observed}) / (1 + draws), the usual valid Monte Carlo p-value.
+
+Defects are allowed for exactly, not by hope: the null batch holds k = floor(defect_share * m)
+images at the smallest p-value there is, 1 / (n + 1), and m - k exchangeable ones. The statistic
+never rises when a p-value falls, so any batch with at most k defects (scored however high) and
+normal images exchangeable with the calibration ones rings with probability at most alpha, at
+any batch size. A null without the allowance would ring at almost every large batch with a few
+percent of defects in it, since dropping a fixed share no longer hides them from a mean that
+precise.
 
 Everything works on level counts: `counts[l]` images whose score has exactly l calibration
 scores at or above it (p-value (1 + l) / (n + 1)), so a streaming job keeps n + 1 integers per
@@ -29,6 +37,7 @@ import numpy as np
 from padim_core.calibration import p_value_of
 
 DEFAULT_TRIM = 0.5
+DEFAULT_DEFECT_SHARE = 0.1
 DEFAULT_ALPHA = 0.01
 DEFAULT_DRAWS = 10_000
 DEFAULT_MIN_IMAGES = 10
@@ -42,6 +51,7 @@ class DriftTest:
     images: int
     calibration_count: int
     trim: float
+    defect_share: float
     alpha: float
     statistic: float | None
     p_value: float | None
@@ -56,7 +66,7 @@ class DriftTest:
 
     def to_dict(self) -> dict[str, Any]:
         return {"images": self.images, "calibration_count": self.calibration_count, "trim": self.trim,
-                "alpha": self.alpha, "statistic": self.statistic, "p_value": self.p_value, "alarm": self.alarm,
+                "defect_share": self.defect_share, "alpha": self.alpha, "statistic": self.statistic, "p_value": self.p_value, "alarm": self.alarm,
                 "verdict": self.verdict}
 
 
@@ -87,31 +97,40 @@ def trimmed_mean(counts: np.ndarray, trim: float) -> np.ndarray:
     return (kept * p_value_of(np.arange(n + 1), n)).sum(axis=-1) / (images - dropped)
 
 
-def null_draws(count: int, images: int, draws: int, rng: np.random.Generator) -> np.ndarray:
-    """[draws, count + 1] level counts of `images` exchangeable with `count` calibration scores."""
+def null_draws(count: int, images: int, draws: int, rng: np.random.Generator, defects: int = 0) -> np.ndarray:
+    """[draws, count + 1] level counts of `images - defects` exchangeable with `count` calibration
+    scores plus `defects` at the lowest level (above every calibration score)."""
     weights = rng.dirichlet(np.ones(count + 1), size=draws)
-    return rng.multinomial(images, weights)
+    counts = rng.multinomial(images - defects, weights)
+    counts[:, 0] += defects
+    return counts
 
 
-def drift_test(counts: Any, count: int, *, trim: float = DEFAULT_TRIM, alpha: float = DEFAULT_ALPHA,
-               draws: int = DEFAULT_DRAWS, seed: int = 0, min_images: int = DEFAULT_MIN_IMAGES) -> DriftTest:
-    """Test a batch, given as level counts `[count + 1]`, against `count` calibration scores."""
+def drift_test(counts: Any, count: int, *, trim: float = DEFAULT_TRIM, defect_share: float = DEFAULT_DEFECT_SHARE,
+               alpha: float = DEFAULT_ALPHA, draws: int = DEFAULT_DRAWS, seed: int = 0,
+               min_images: int = DEFAULT_MIN_IMAGES) -> DriftTest:
+    """Test a batch, given as level counts `[count + 1]`, against `count` calibration scores,
+    allowing up to `defect_share` of it to be defects."""
     counts = np.asarray(counts, dtype=np.int64)
     if counts.shape != (count + 1,):
         raise ValueError(f"expected {count + 1} level counts, got shape {counts.shape}")
     if not 0 <= trim < 1:
         raise ValueError(f"trim must be in [0, 1), got {trim}")
+    if not 0 <= defect_share < 1:
+        raise ValueError(f"defect_share must be in [0, 1), got {defect_share}")
     images = int(counts.sum())
     if images < max(1, min_images):
-        return DriftTest(images, count, trim, alpha, None, None, None, f"{images} images, fewer than {min_images}")
+        return DriftTest(images, count, trim, defect_share, alpha, None, None, None,
+                         f"{images} images, fewer than {min_images}")
+    defects = int(np.floor(defect_share * images))
     observed = float(trimmed_mean(counts, trim))
     at_or_below = 0
     rng = np.random.default_rng(seed)
     per_chunk = max(1, _CHUNK_VALUES // (count + 1))
     for start in range(0, draws, per_chunk):
         size = min(per_chunk, draws - start)
-        simulated = trimmed_mean(null_draws(count, images, size, rng), trim)
+        simulated = trimmed_mean(null_draws(count, images, size, rng, defects), trim)
         # a tolerance for the different summation order of equal p-value sets
         at_or_below += int((simulated <= observed + 1e-12).sum())
     p_value = (1 + at_or_below) / (1 + draws)
-    return DriftTest(images, count, trim, alpha, observed, p_value, p_value < alpha)
+    return DriftTest(images, count, trim, defect_share, alpha, observed, p_value, p_value < alpha)

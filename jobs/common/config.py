@@ -21,7 +21,7 @@ from padim_core.config import (
     config_from_dict,
     read_values,
 )
-from padim_core.drift import DEFAULT_ALPHA, DEFAULT_DRAWS, DEFAULT_MIN_IMAGES, DEFAULT_TRIM
+from padim_core.drift import DEFAULT_ALPHA, DEFAULT_DEFECT_SHARE, DEFAULT_DRAWS, DEFAULT_MIN_IMAGES, DEFAULT_TRIM
 from padim_core.errors import ConfigError
 
 # MLflow's rules for registered-model aliases (mlflow.utils.validation): "latest" and "v<N>"
@@ -124,6 +124,7 @@ class DriftConfig(Section):
     section: ClassVar[str] = "drift"
 
     trim: float = DEFAULT_TRIM  # share of the smallest p-values left out of the statistic (where defects land)
+    defect_share: float = DEFAULT_DEFECT_SHARE  # share of defects a batch may hold without ringing more than alpha
     alpha: float = DEFAULT_ALPHA  # alarm when the test's p-value is below this
     min_images: int = DEFAULT_MIN_IMAGES  # fewer scored images than this: not tested
     draws: int = DEFAULT_DRAWS  # Monte Carlo draws of the null distribution
@@ -131,6 +132,7 @@ class DriftConfig(Section):
 
     def __post_init__(self) -> None:
         self._check("trim", check_float, "0 <= trim < 1", lambda v: 0 <= v < 1)
+        self._check("defect_share", check_float, "0 <= defect_share < 1", lambda v: 0 <= v < 1)
         self._check("alpha", check_float, "0 < alpha < 1", lambda v: 0 < v < 1)
         self._check("min_images", check_int, 1)
         self._check("draws", check_int, 1)

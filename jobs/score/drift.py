@@ -73,7 +73,8 @@ class DriftCounter:
             by_input = {index: counts for (name, index), counts in sorted(self.counts.items()) if name == category}
             if calibration is None or not calibration.is_conformal:
                 note = "the model has no conformal calibration"
-                test = DriftTest(scored[category], 0, settings.trim, settings.alpha, None, None, None, note)
+                test = DriftTest(scored[category], 0, settings.trim, settings.defect_share, settings.alpha, None, None,
+                                 None, note)
                 found.append(DriftResult(category, None, None, test))
                 continue
             total = sum(by_input.values(), np.zeros(calibration.count + 1, dtype=np.int64))
@@ -85,8 +86,8 @@ class DriftCounter:
 
 
 def _test(counts: np.ndarray, count: int, settings: Any) -> DriftTest:
-    return drift_test(counts, count, trim=settings.trim, alpha=settings.alpha, draws=settings.draws, seed=settings.seed,
-                      min_images=settings.min_images)
+    return drift_test(counts, count, trim=settings.trim, defect_share=settings.defect_share, alpha=settings.alpha,
+                      draws=settings.draws, seed=settings.seed, min_images=settings.min_images)
 
 
 # ------------------------------------------------------------------------------ reporting
@@ -100,6 +101,7 @@ def write_drift_file(output: Path, results: Sequence[DriftResult], job_id: str, 
     report = {
         "table": str(output), "job_id": job_id,
         "test": {"statistic": f"mean conformal p-value after dropping the smallest {settings.trim:g}",
+                 "defects_allowed": f"up to {settings.defect_share:g} of the images",
                  "alarm": f"one-sided Monte Carlo p-value below {settings.alpha:g} ({settings.draws} draws, seed "
                           f"{settings.seed})", "min_images": settings.min_images},
         "results": [result.to_dict() for result in results],
@@ -111,7 +113,7 @@ def drift_lines(results: Sequence[DriftResult]) -> list[str]:
     """The summary's drift table."""
     if not results:
         return []
-    trim, alpha = results[0].test.trim, results[0].test.alpha
+    test = results[0].test
     header = ("category", "input", "images", "statistic", "p-value", "verdict")
     rows = [
         (result.category, result.input or "(whole job)", str(result.test.images),
@@ -121,7 +123,8 @@ def drift_lines(results: Sequence[DriftResult]) -> list[str]:
     ]
     widths = [max(len(cells[i]) for cells in [header, *rows]) for i in range(len(header))]
     lines = [f"drift: do the images look like each model's calibration images? (mean p-value after dropping the "
-             f"smallest {trim:g}; alarm when the test's p-value < {alpha:g})"]
+             f"smallest {test.trim:g}; up to {test.defect_share:g} defects allowed; alarm when the test's p-value < "
+             f"{test.alpha:g})"]
     for cells in [header, tuple("-" * width for width in widths), *rows]:
         lines.append("  ".join(cell.ljust(width) if i in (0, 1, 5) else cell.rjust(width)
                                for i, (cell, width) in enumerate(zip(cells, widths))).rstrip())

@@ -68,7 +68,7 @@ def test_verdicts_are_printed_logged_and_written_beside_the_table(tmp_path: Path
 
     lines = drift_lines(results)
     assert lines[0].startswith("drift: do the images look like each model's calibration images? (mean p-value after "
-                               "dropping the smallest 0.5; alarm when the test's p-value < 0.01)")
+                               "dropping the smallest 0.5; up to 0.1 defects allowed; alarm when the test's p-value < 0.01)")
     assert lines[1].split() == ["category", "input", "images", "statistic", "p-value", "verdict"]
     assert lines[3].split()[:3] == ["bottle", "(whole", "job)"] and lines[3].endswith("ALARM")
     assert lines[4].split()[:4] == ["metal", "nut", "(whole", "job)"] and lines[4].endswith("not tested: 3 images, fewer than 5")
@@ -85,3 +85,4 @@ def test_verdicts_are_printed_logged_and_written_beside_the_table(tmp_path: Path
     assert report["table"] == str(output) and report["job_id"] == "job1"
     assert [item["verdict"] for item in report["results"]] == ["ALARM", "not tested: 3 images, fewer than 5"]
     assert report["results"][0]["p_value"] == results[0].test.p_value and report["test"]["min_images"] == 5
+    assert report["test"]["defects_allowed"] == "up to 0.1 of the images" and report["results"][0]["defect_share"] == 0.1

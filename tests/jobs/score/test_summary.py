@@ -59,7 +59,7 @@ def test_the_summary_describes_the_table_that_was_written(tmp_path: Path) -> Non
         tmp_path / "scores", tally, {"bottle": "models:/padim-bottle/3", "cable": "/m/cable.safetensors"},
         {"bottle": 2.0, "cable": None}, seconds=10.0, first_rows=(6.0, 2), files=2, heatmaps=0,
         run_id="abc", tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment_id="1",
-        drift=[DriftResult("bottle", None, None, DriftTest(2, 42, 0.2, 0.01, None, None, None, "2 images, fewer than 10"))],
+        drift=[DriftResult("bottle", None, None, DriftTest(2, 42, 0.2, 0.1, 0.01, None, None, None, "2 images, fewer than 10"))],
     )
     assert summary.images_per_second == 0.4 and summary.steady_images_per_second == 0.5  # 2 images in the last 4 s
     plain = summary.to_dict()
