@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -131,6 +135,42 @@ def ray_env(token_file: Path) -> dict[str, str]:
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
         "RAY_USAGE_STATS_ENABLED": "0",
     }
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """A running Ray head and `mlflow server`, as a test reaches them."""
+
+    env: dict[str, str]  # for `ray job submit` and drivers: the head's token and loopback settings
+    tracking_uri: str
+    gcs_port: int
+    dashboard_port: int
+
+    @property
+    def dashboard(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+
+@contextlib.contextmanager
+def running_cluster(folder: Path) -> Iterator[Cluster]:
+    """`mlflow server` (SQLite and artifacts under `folder/mlflow`) and a token-authenticated Ray
+    head, both on free loopback ports, logs in `folder`; both stopped on exit."""
+    # Ray's socket paths must stay under 107 characters: a short folder of our own in /tmp.
+    ray_temp = Path(tempfile.mkdtemp(prefix="ray-e2e-", dir="/tmp"))
+    token_file = folder / "ray_token"
+    token_file.write_text(secrets.token_hex(32))
+    (folder / "mlflow").mkdir()
+    env = ray_env(token_file)
+    mlflow_port, gcs_port, dashboard_port = free_port(), free_port(), free_port()
+    cluster = Cluster(env, f"http://127.0.0.1:{mlflow_port}", gcs_port, dashboard_port)
+    try:
+        with started(mlflow_server_command(folder / "mlflow", mlflow_port), folder / "mlflow.log") as server, \
+                started(ray_head_command(ray_temp, gcs_port, dashboard_port), folder / "ray.log", env) as head:
+            wait_for_http(f"{cluster.tracking_uri}/health", server, folder / "mlflow.log", timeout=120)
+            wait_for_http(f"{cluster.dashboard}/api/version", head, folder / "ray.log", timeout=120)
+            yield cluster
+    finally:
+        shutil.rmtree(ray_temp, ignore_errors=True)
 
 
 def local_env() -> dict[str, str]:

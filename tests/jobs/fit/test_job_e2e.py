@@ -9,31 +9,21 @@ Servers bind to 127.0.0.1 only and are stopped at the end of each test, by proce
 from __future__ import annotations
 
 import json
-import secrets
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from support.paths import BIN, DEMO_CONFIG, REPO_ROOT
-from support.servers import (
-    free_port,
-    local_env,
-    mlflow_server_command,
-    ray_env,
-    ray_head_command,
-    started,
-    stop_process_tree,
-    wait_for_http,
-)
-from support.tracking import runs_by_name, version_files
 
 from padim_core.demo_data import build_demo_dataset
+
+from support.paths import BIN, DEMO_CONFIG, REPO_ROOT
+from support.servers import local_env, running_cluster, stop_process_tree
+from support.tracking import runs_by_name, version_files
 
 pytestmark = pytest.mark.slow
 
@@ -56,209 +46,195 @@ def test_ray_job_submit_fits_both_detectors_then_they_score_shift_and_compare(
 
     data = build_demo_dataset(tmp_path / "data", train=6, test_good=3, test_defect=1, size=64)
     output = tmp_path / "out"
-    server_folder = tmp_path / "mlflow"
-    server_folder.mkdir()
-    # Ray's socket paths must stay under 107 characters: a short folder of our own in /tmp.
-    ray_temp = Path(tempfile.mkdtemp(prefix="ray-e2e-", dir="/tmp"))
-    token_file = tmp_path / "ray_token"
-    token_file.write_text(secrets.token_hex(32))
-    env = ray_env(token_file)
-    mlflow_port, gcs_port, dashboard_port = free_port(), free_port(), free_port()
-    uri = f"http://127.0.0.1:{mlflow_port}"
     categories = ["brick", "grass"]
-    try:
-        with started(mlflow_server_command(server_folder, mlflow_port), tmp_path / "mlflow.log") as server, \
-                started(ray_head_command(ray_temp, gcs_port, dashboard_port), tmp_path / "ray.log", env) as head:
-            wait_for_http(f"{uri}/health", server, tmp_path / "mlflow.log", timeout=120)
-            wait_for_http(f"http://127.0.0.1:{dashboard_port}/api/version", head, tmp_path / "ray.log", timeout=120)
-            submitted = time.monotonic()
-            job = subprocess.run(
-                [
-                    str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dashboard_port}",
-                    "--working-dir", str(REPO_ROOT),
-                    "--runtime-env-json", json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": uri}}),
-                    "--", "python", "-m", "jobs.fit", "--config", "configs/demo.yaml", "--data-root", str(data),
-                    "--output", str(output), "--categories", ",".join(categories), "--detectors", "padim,patchcore",
-                    "--set", "tracking.experiment=padim-e2e", *FAST,
-                ],
-                env=env, capture_output=True, text=True, check=False, timeout=420,
-            )
-            log = job.stdout + job.stderr
-            assert job.returncode == 0, log[-5000:]
-            print(f"ray job submit took {time.monotonic() - submitted:.0f} s")
-            assert "succeeded" in log
-            for name in categories:
-                for kind in ("padim", "patchcore"):
-                    assert f"[{name}/{kind}] started: 5 fit + 1 calibration + 7 test images" in log
-                assert f"padim-fit: {name}: 1 calibration images support a false-alarm rate of at least 1/2 = 0.5" in log
-            assert "[4/4]" in log and "image AUROC" in log
-
-            # What the driver left on the head's disk.
-            summary = json.loads((output / "metrics.json").read_text())
-            statuses = {name: {kind: entry["status"] for kind, entry in kinds.items()} for name, kinds in summary["categories"].items()}
-            assert statuses == {name: {"padim": "ok", "patchcore": "ok"} for name in categories}
-            assert summary["tracking_uri"] == uri
-            assert sorted(path.name for path in (output / "models").iterdir()) == ["padim", "patchcore"]
+    with running_cluster(tmp_path) as cluster:
+        env, uri = cluster.env, cluster.tracking_uri
+        submitted = time.monotonic()
+        job = subprocess.run(
+            [
+                str(BIN / "ray"), "job", "submit", "--address", cluster.dashboard,
+                "--working-dir", str(REPO_ROOT),
+                "--runtime-env-json", json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": uri}}),
+                "--", "python", "-m", "jobs.fit", "--config", "configs/demo.yaml", "--data-root", str(data),
+                "--output", str(output), "--categories", ",".join(categories), "--detectors", "padim,patchcore",
+                "--set", "tracking.experiment=padim-e2e", *FAST,
+            ],
+            env=env, capture_output=True, text=True, check=False, timeout=420,
+        )
+        log = job.stdout + job.stderr
+        assert job.returncode == 0, log[-5000:]
+        print(f"ray job submit took {time.monotonic() - submitted:.0f} s")
+        assert "succeeded" in log
+        for name in categories:
             for kind in ("padim", "patchcore"):
-                assert sorted(path.name for path in (output / "models" / kind).iterdir()) == [f"{name}.safetensors" for name in categories]
-            assert not (output / "mlflow.db").exists()  # the server holds the runs, not a local file
-            # the splits, beside the models: 1 of the 6 normal training images held out, never fitted on
-            for name in categories:
-                split = read_manifest(output / "manifests" / f"{name}.json", data / name).verify()
-                assert split.counts() == {"fit": 5, "calibration": 1, "test": 7}
-                model = PadimModel.load(output / "models" / "padim" / f"{name}.safetensors")
-                assert model.calibration_.is_conformal and model.calibration_.false_alarm_rate == 0.5
-                assert model.n_train_ == 5 and model.threshold_ == model.calibration_.scores[0]
-                assert summary["categories"][name]["padim"]["threshold"] == pytest.approx(model.threshold_)
+                assert f"[{name}/{kind}] started: 5 fit + 1 calibration + 7 test images" in log
+            assert f"padim-fit: {name}: 1 calibration images support a false-alarm rate of at least 1/2 = 0.5" in log
+        assert "[4/4]" in log and "image AUROC" in log
 
-            # What the MLflow server holds, read back over HTTP. `models:/` URIs resolve through
-            # the default registry, which follows MLFLOW_TRACKING_URI (else ./mlflow.db).
-            monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-            monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-            client = MlflowClient(uri)
-            experiment = client.get_experiment_by_name("padim-e2e")
-            assert experiment.artifact_location.startswith("mlflow-artifacts:")
-            assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
-            parent, children = runs_by_name(client, experiment.experiment_id)
-            assert parent.info.status == "FINISHED"
-            assert parent.data.params["padim.image_size"] == "64"
-            assert parent.data.metrics["units"] == 4 and parent.data.metrics["units_failed"] == 0
-            assert parent.data.params["detectors"] == "padim,patchcore" and parent.data.params["categories"] == ",".join(categories)
-            parent_files = {item.path for item in client.list_artifacts(parent.info.run_id, "config")}
-            assert parent_files == {"config/demo.yaml", "config/resolved.yaml"}
-            assert {item.path for item in client.list_artifacts(parent.info.run_id)} >= {"config", "metrics.json", "comparison"}
-            assert sorted(children) == sorted(f"{name}-{kind}" for name in categories for kind in ("padim", "patchcore"))
-            # The same metric names for both detectors, so the UI's Compare lines them up.
-            assert {frozenset(run.data.metrics) for run in children.values()} == {frozenset(children["brick-padim"].data.metrics)}
-            assert children["brick-patchcore"].data.params["coreset_ratio"] == "0.1"
-            for name, kind in [(name, kind) for name in categories for kind in ("padim", "patchcore")]:
-                run = children[f"{name}-{kind}"]
-                assert run.info.status == "FINISHED", run.data.tags.get("error")
-                assert (run.data.tags["category"], run.data.tags["detector"]) == (name, kind)
-                assert METRICS <= set(run.data.metrics)
-                assert PARAMS - {"n_features"} <= set(run.data.params)
-                assert run.data.params["n_train"] == "5" and run.data.params["image_size"] == "64x64"
-                assert run.data.params["n_calibration"] == "1" and run.data.metrics["false_alarm_rate"] == 0.5
-                assert run.data.params["backbone"] == "efficientnet_lite0" and run.data.params["detector"] == kind
-                assert 0.0 <= run.data.metrics["image_auroc"] <= 1.0
-                assert run.data.metrics["image_auroc"] == pytest.approx(summary["categories"][name][kind]["image_auroc"])
-                version = client.get_model_version_by_alias(f"{kind}-{name}", "champion")
-                assert version.run_id == run.info.run_id
-            # The comparison: one row per (category, detector), numbers equal to the runs' metrics.
-            compared = pd.read_csv(output / "comparison" / "comparison.csv")
-            assert len(compared) == 4 and (output / "comparison" / "report.md").is_file()
-            for row in compared.itertuples():
-                metrics = children[f"{row.category}-{row.detector}"].data.metrics
-                assert row.image_auroc == pytest.approx(metrics["image_auroc"])
-                assert row.pixel_auroc == pytest.approx(metrics["pixel_auroc"])
-                assert row.model_size_mb == pytest.approx(metrics["model_size_mb"])
-            for name in categories:
-                run = children[f"{name}-padim"]
-                assert {item.path for item in client.list_artifacts(run.info.run_id, "manifest")} == {f"manifest/{name}.json"}
-                top = {item.path for item in client.list_artifacts(run.info.run_id)}
-                assert {"scores.parquet", "roc_curve.png", "score_histogram.png", "heatmaps"} <= top
-                heatmaps = client.list_artifacts(run.info.run_id, "heatmaps")
-                assert len(heatmaps) == 2 and all(item.path.endswith(".png") for item in heatmaps)
-                version = client.get_model_version_by_alias(f"padim-{name}", "champion")
-                assert version.run_id == run.info.run_id
-                assert str(version.version) == summary["categories"][name]["padim"]["model_version"]
-                # logged from code through the server: the model holds no pickle
-                model_files = version_files(client, f"padim-{name}", "champion")
-                assert {"MLmodel", f"artifacts/{name}.safetensors", "code/jobs/common/pyfunc_model.py"} <= set(model_files)
-                assert not [path for path in model_files if path.endswith(".pkl")], model_files
-            # Artifacts went through the server into its artifact store.
-            assert list((server_folder / "artifacts").rglob("scores.parquet"))
-            # the splits are the runs' dataset inputs, searchable over HTTP
-            found = client.search_runs([experiment.experiment_id], "dataset.context = 'calibration'")
-            assert sorted(run.info.run_name for run in found) == sorted(children)  # every (category, detector)
-            inputs = {item.dataset.name: item.tags[0].value for item in children["brick-padim"].inputs.dataset_inputs}
-            assert inputs == {"brick-fit": "training", "brick-calibration": "calibration", "brick-test": "testing"}
+        # What the driver left on the head's disk.
+        summary = json.loads((output / "metrics.json").read_text())
+        statuses = {name: {kind: entry["status"] for kind, entry in kinds.items()} for name, kinds in summary["categories"].items()}
+        assert statuses == {name: {"padim": "ok", "patchcore": "ok"} for name in categories}
+        assert summary["tracking_uri"] == uri
+        assert sorted(path.name for path in (output / "models").iterdir()) == ["padim", "patchcore"]
+        for kind in ("padim", "patchcore"):
+            assert sorted(path.name for path in (output / "models" / kind).iterdir()) == [f"{name}.safetensors" for name in categories]
+        assert not (output / "mlflow.db").exists()  # the server holds the runs, not a local file
+        # the splits, beside the models: 1 of the 6 normal training images held out, never fitted on
+        for name in categories:
+            split = read_manifest(output / "manifests" / f"{name}.json", data / name).verify()
+            assert split.counts() == {"fit": 5, "calibration": 1, "test": 7}
+            model = PadimModel.load(output / "models" / "padim" / f"{name}.safetensors")
+            assert model.calibration_.is_conformal and model.calibration_.false_alarm_rate == 0.5
+            assert model.n_train_ == 5 and model.threshold_ == model.calibration_.scores[0]
+            assert summary["categories"][name]["padim"]["threshold"] == pytest.approx(model.threshold_)
 
-            # The registered model scores an image as the job did, and loads without unpickling anything.
-            run = children["brick-padim"]
-            table = pq.read_table(
-                mlflow.artifacts.download_artifacts(
-                    run_id=run.info.run_id, artifact_path="scores.parquet", dst_path=str(tmp_path / "dl"), tracking_uri=uri
-                )
-            ).to_pandas()
-            assert len(table) == 7 and set(table.columns) >= {"source", "image_score", "is_anomalous", "label"}
-            monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
-            model = mlflow.pyfunc.load_model("models:/padim-brick@champion")
-            defective = table[table.label == 1].iloc[0]
-            image = Path(defective.source)
-            scored = model.predict(pd.DataFrame({"image": [str(image), image.read_bytes()]}))
-            assert list(scored.columns) == ["image_score", "p_value", "is_anomalous", "error"]
-            assert scored.image_score.tolist() == pytest.approx([defective.image_score] * 2, rel=1e-3)
-            assert scored.is_anomalous.tolist() == [bool(defective.is_anomalous)] * 2
-            assert scored.p_value.tolist() == [defective.p_value] * 2
-            assert scored.is_anomalous.tolist() == (scored.p_value <= 0.5).tolist()
+        # What the MLflow server holds, read back over HTTP. `models:/` URIs resolve through
+        # the default registry, which follows MLFLOW_TRACKING_URI (else ./mlflow.db).
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        client = MlflowClient(uri)
+        experiment = client.get_experiment_by_name("padim-e2e")
+        assert experiment.artifact_location.startswith("mlflow-artifacts:")
+        assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+        parent, children = runs_by_name(client, experiment.experiment_id)
+        assert parent.info.status == "FINISHED"
+        assert parent.data.params["padim.image_size"] == "64"
+        assert parent.data.metrics["units"] == 4 and parent.data.metrics["units_failed"] == 0
+        assert parent.data.params["detectors"] == "padim,patchcore" and parent.data.params["categories"] == ",".join(categories)
+        parent_files = {item.path for item in client.list_artifacts(parent.info.run_id, "config")}
+        assert parent_files == {"config/demo.yaml", "config/resolved.yaml"}
+        assert {item.path for item in client.list_artifacts(parent.info.run_id)} >= {"config", "metrics.json", "comparison"}
+        assert sorted(children) == sorted(f"{name}-{kind}" for name in categories for kind in ("padim", "patchcore"))
+        # The same metric names for both detectors, so the UI's Compare lines them up.
+        assert {frozenset(run.data.metrics) for run in children.values()} == {frozenset(children["brick-padim"].data.metrics)}
+        assert children["brick-patchcore"].data.params["coreset_ratio"] == "0.1"
+        for name, kind in [(name, kind) for name in categories for kind in ("padim", "patchcore")]:
+            run = children[f"{name}-{kind}"]
+            assert run.info.status == "FINISHED", run.data.tags.get("error")
+            assert (run.data.tags["category"], run.data.tags["detector"]) == (name, kind)
+            assert METRICS <= set(run.data.metrics)
+            assert PARAMS - {"n_features"} <= set(run.data.params)
+            assert run.data.params["n_train"] == "5" and run.data.params["image_size"] == "64x64"
+            assert run.data.params["n_calibration"] == "1" and run.data.metrics["false_alarm_rate"] == 0.5
+            assert run.data.params["backbone"] == "efficientnet_lite0" and run.data.params["detector"] == kind
+            assert 0.0 <= run.data.metrics["image_auroc"] <= 1.0
+            assert run.data.metrics["image_auroc"] == pytest.approx(summary["categories"][name][kind]["image_auroc"])
+            version = client.get_model_version_by_alias(f"{kind}-{name}", "champion")
+            assert version.run_id == run.info.run_id
+        # The comparison: one row per (category, detector), numbers equal to the runs' metrics.
+        compared = pd.read_csv(output / "comparison" / "comparison.csv")
+        assert len(compared) == 4 and (output / "comparison" / "report.md").is_file()
+        for row in compared.itertuples():
+            metrics = children[f"{row.category}-{row.detector}"].data.metrics
+            assert row.image_auroc == pytest.approx(metrics["image_auroc"])
+            assert row.pixel_auroc == pytest.approx(metrics["pixel_auroc"])
+            assert row.model_size_mb == pytest.approx(metrics["model_size_mb"])
+        for name in categories:
+            run = children[f"{name}-padim"]
+            assert {item.path for item in client.list_artifacts(run.info.run_id, "manifest")} == {f"manifest/{name}.json"}
+            top = {item.path for item in client.list_artifacts(run.info.run_id)}
+            assert {"scores.parquet", "roc_curve.png", "score_histogram.png", "heatmaps"} <= top
+            heatmaps = client.list_artifacts(run.info.run_id, "heatmaps")
+            assert len(heatmaps) == 2 and all(item.path.endswith(".png") for item in heatmaps)
+            version = client.get_model_version_by_alias(f"padim-{name}", "champion")
+            assert version.run_id == run.info.run_id
+            assert str(version.version) == summary["categories"][name]["padim"]["model_version"]
+            # logged from code through the server: the model holds no pickle
+            model_files = version_files(client, f"padim-{name}", "champion")
+            assert {"MLmodel", f"artifacts/{name}.safetensors", "code/jobs/common/pyfunc_model.py"} <= set(model_files)
+            assert not [path for path in model_files if path.endswith(".pkl")], model_files
+        # Artifacts went through the server into its artifact store.
+        assert list((tmp_path / "mlflow" / "artifacts").rglob("scores.parquet"))
+        # the splits are the runs' dataset inputs, searchable over HTTP
+        found = client.search_runs([experiment.experiment_id], "dataset.context = 'calibration'")
+        assert sorted(run.info.run_name for run in found) == sorted(children)  # every (category, detector)
+        inputs = {item.dataset.name: item.tags[0].value for item in children["brick-padim"].inputs.dataset_inputs}
+        assert inputs == {"brick-fit": "training", "brick-calibration": "calibration", "brick-test": "testing"}
 
-
-            # Both kinds score from the one models folder and from the registry (the kind is read from
-            # each file), and padim-shift evaluates a PatchCore model: drivers joining the same head.
-            driver = {**env, "RAY_ADDRESS": f"127.0.0.1:{gcs_port}", "MLFLOW_TRACKING_URI": uri}
-            tables = {kind: tmp_path / f"scores-{kind}" for kind in ("patchcore", "padim")}
-            scoring = subprocess.run(
-                [str(BIN / "padim-score"), "--input", str(data / "brick" / "test"), "--category", "brick",
-                 "--models", str(output / "models"), "--detector", "patchcore", "--output", str(tables["patchcore"]),
-                 "--set", "tracking.experiment=padim-e2e"],
-                env=driver, capture_output=True, text=True, check=False, timeout=300,
+        # The registered model scores an image as the job did, and loads without unpickling anything.
+        run = children["brick-padim"]
+        table = pq.read_table(
+            mlflow.artifacts.download_artifacts(
+                run_id=run.info.run_id, artifact_path="scores.parquet", dst_path=str(tmp_path / "dl"), tracking_uri=uri
             )
-            assert scoring.returncode == 0, (scoring.stdout + scoring.stderr)[-4000:]
-            # PaDiM from the registry through `ray job submit`, two inputs: p-values and the drift alarm per input.
-            job = subprocess.run(
-                [
-                    str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dashboard_port}",
-                    "--working-dir", str(REPO_ROOT),
-                    "--runtime-env-json", json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": uri}}),
-                    "--", "python", "-m", "jobs.score", "--input", str(data / "brick" / "test"), str(data / "brick" / "train"),
-                    "--models", "registry", "--detector", "padim", "--category", "brick", "--output", str(tables["padim"]),
-                    "--set", "tracking.experiment=padim-e2e",
-                ],
-                env=env, capture_output=True, text=True, check=False, timeout=420,
-            )
-            log = job.stdout + job.stderr
-            assert job.returncode == 0, log[-5000:]
-            assert "scored 13 images, 0 errors" in log and "brick     (whole job)" in log
-            scored_rows = pq.read_table(tables["padim"]).to_pandas()
-            assert len(scored_rows) == 13 and scored_rows.p_value.notna().all()
-            assert (scored_rows.is_anomalous == (scored_rows.p_value <= 0.5)).all()
-            assert (scored_rows.is_anomalous == (scored_rows.image_score > scored_rows.threshold)).all()
-            drift = json.loads((tmp_path / "scores-padim.drift.json").read_text())
-            assert [(item["category"], item["input"], item["images"]) for item in drift["results"]] == [
-                ("brick", None, 13), ("brick", str(data / "brick" / "test"), 7), ("brick", str(data / "brick" / "train"), 6)]
-            assert drift["results"][0]["verdict"] in ("ALARM", "no alarm")
-            assert drift["results"][1]["verdict"] == "not tested: 7 images, fewer than 10"
-            scoring_run = client.search_runs([experiment.experiment_id], "tags.job = 'jobs.score'", order_by=["attributes.start_time DESC"])[0]
-            assert scoring_run.data.metrics["brick/drift_p_value"] == drift["results"][0]["p_value"]
-            assert scoring_run.data.tags["drift/brick"] == drift["results"][0]["verdict"]
-            assert "scores-padim.drift.json" in {item.path for item in client.list_artifacts(scoring_run.info.run_id)}
-            for kind, table_path in tables.items():
-                rows = pq.read_table(table_path).to_pandas()
-                rows = rows[rows.source.str.contains("/test/")]
-                assert len(rows) == 7 and set(rows.detector) == {kind} and rows.error.isna().all()
-                fitted = pq.read_table(mlflow.artifacts.download_artifacts(
-                    run_id=children[f"brick-{kind}"].info.run_id, artifact_path="scores.parquet",
-                    dst_path=str(tmp_path / f"dl-{kind}"), tracking_uri=uri)).to_pandas()
-                by_source = dict(zip(fitted.source, fitted.image_score))
-                assert rows.image_score.tolist() == pytest.approx([by_source[source] for source in rows.source], rel=1e-3)
-            shift = subprocess.run(
-                [str(BIN / "padim-shift"), "--config", "configs/demo.yaml", "--data-root", str(data), "--output", str(output),
-                 "--categories", "brick", "--detectors", "patchcore", "--set", "shift.shifts={blur: [4]}",
-                 "--set", "tracking.experiment=padim-e2e", *FAST],
-                cwd=REPO_ROOT, env=driver, capture_output=True, text=True, check=False, timeout=300,
-            )
-            assert shift.returncode == 0, (shift.stdout + shift.stderr)[-4000:]
-            figures = pd.read_csv(output / "shift" / "figures.csv")
-            unshifted = figures[(figures.detector == "patchcore") & (figures.severity == 0)].iloc[0]
-            assert unshifted.image_auroc == pytest.approx(summary["categories"]["brick"]["patchcore"]["image_auroc"])
-            compare = subprocess.run([str(BIN / "padim-compare"), "--output", str(output)], env=driver,
-                                     capture_output=True, text=True, check=False, timeout=120)
-            assert compare.returncode == 0, compare.stderr[-3000:]
-            report = (output / "comparison" / "report.md").read_text()
-            assert "| brick | patchcore |" in report and "not measured" in report  # padim's shifts were not run
-    finally:
-        shutil.rmtree(ray_temp, ignore_errors=True)
+        ).to_pandas()
+        assert len(table) == 7 and set(table.columns) >= {"source", "image_score", "is_anomalous", "label"}
+        monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+        model = mlflow.pyfunc.load_model("models:/padim-brick@champion")
+        defective = table[table.label == 1].iloc[0]
+        image = Path(defective.source)
+        scored = model.predict(pd.DataFrame({"image": [str(image), image.read_bytes()]}))
+        assert list(scored.columns) == ["image_score", "p_value", "is_anomalous", "error"]
+        assert scored.image_score.tolist() == pytest.approx([defective.image_score] * 2, rel=1e-3)
+        assert scored.is_anomalous.tolist() == [bool(defective.is_anomalous)] * 2
+        assert scored.p_value.tolist() == [defective.p_value] * 2
+        assert scored.is_anomalous.tolist() == (scored.p_value <= 0.5).tolist()
+
+
+        # Both kinds score from the one models folder and from the registry (the kind is read from
+        # each file), and padim-shift evaluates a PatchCore model: drivers joining the same head.
+        driver = {**env, "RAY_ADDRESS": f"127.0.0.1:{cluster.gcs_port}", "MLFLOW_TRACKING_URI": uri}
+        tables = {kind: tmp_path / f"scores-{kind}" for kind in ("patchcore", "padim")}
+        scoring = subprocess.run(
+            [str(BIN / "padim-score"), "--input", str(data / "brick" / "test"), "--category", "brick",
+             "--models", str(output / "models"), "--detector", "patchcore", "--output", str(tables["patchcore"]),
+             "--set", "tracking.experiment=padim-e2e"],
+            env=driver, capture_output=True, text=True, check=False, timeout=300,
+        )
+        assert scoring.returncode == 0, (scoring.stdout + scoring.stderr)[-4000:]
+        # PaDiM from the registry through `ray job submit`, two inputs: p-values and the drift alarm per input.
+        job = subprocess.run(
+            [
+                str(BIN / "ray"), "job", "submit", "--address", cluster.dashboard,
+                "--working-dir", str(REPO_ROOT),
+                "--runtime-env-json", json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": uri}}),
+                "--", "python", "-m", "jobs.score", "--input", str(data / "brick" / "test"), str(data / "brick" / "train"),
+                "--models", "registry", "--detector", "padim", "--category", "brick", "--output", str(tables["padim"]),
+                "--set", "tracking.experiment=padim-e2e",
+            ],
+            env=env, capture_output=True, text=True, check=False, timeout=420,
+        )
+        log = job.stdout + job.stderr
+        assert job.returncode == 0, log[-5000:]
+        assert "scored 13 images, 0 errors" in log and "brick     (whole job)" in log
+        scored_rows = pq.read_table(tables["padim"]).to_pandas()
+        assert len(scored_rows) == 13 and scored_rows.p_value.notna().all()
+        assert (scored_rows.is_anomalous == (scored_rows.p_value <= 0.5)).all()
+        assert (scored_rows.is_anomalous == (scored_rows.image_score > scored_rows.threshold)).all()
+        drift = json.loads((tmp_path / "scores-padim.drift.json").read_text())
+        assert [(item["category"], item["input"], item["images"]) for item in drift["results"]] == [
+            ("brick", None, 13), ("brick", str(data / "brick" / "test"), 7), ("brick", str(data / "brick" / "train"), 6)]
+        assert drift["results"][0]["verdict"] in ("ALARM", "no alarm")
+        assert drift["results"][1]["verdict"] == "not tested: 7 images, fewer than 10"
+        scoring_run = client.search_runs([experiment.experiment_id], "tags.job = 'jobs.score'", order_by=["attributes.start_time DESC"])[0]
+        assert scoring_run.data.metrics["brick/drift_p_value"] == drift["results"][0]["p_value"]
+        assert scoring_run.data.tags["drift/brick"] == drift["results"][0]["verdict"]
+        assert "scores-padim.drift.json" in {item.path for item in client.list_artifacts(scoring_run.info.run_id)}
+        for kind, table_path in tables.items():
+            rows = pq.read_table(table_path).to_pandas()
+            rows = rows[rows.source.str.contains("/test/")]
+            assert len(rows) == 7 and set(rows.detector) == {kind} and rows.error.isna().all()
+            fitted = pq.read_table(mlflow.artifacts.download_artifacts(
+                run_id=children[f"brick-{kind}"].info.run_id, artifact_path="scores.parquet",
+                dst_path=str(tmp_path / f"dl-{kind}"), tracking_uri=uri)).to_pandas()
+            by_source = dict(zip(fitted.source, fitted.image_score))
+            assert rows.image_score.tolist() == pytest.approx([by_source[source] for source in rows.source], rel=1e-3)
+        shift = subprocess.run(
+            [str(BIN / "padim-shift"), "--config", "configs/demo.yaml", "--data-root", str(data), "--output", str(output),
+             "--categories", "brick", "--detectors", "patchcore", "--set", "shift.shifts={blur: [4]}",
+             "--set", "tracking.experiment=padim-e2e", *FAST],
+            cwd=REPO_ROOT, env=driver, capture_output=True, text=True, check=False, timeout=300,
+        )
+        assert shift.returncode == 0, (shift.stdout + shift.stderr)[-4000:]
+        figures = pd.read_csv(output / "shift" / "figures.csv")
+        unshifted = figures[(figures.detector == "patchcore") & (figures.severity == 0)].iloc[0]
+        assert unshifted.image_auroc == pytest.approx(summary["categories"]["brick"]["patchcore"]["image_auroc"])
+        compare = subprocess.run([str(BIN / "padim-compare"), "--output", str(output)], env=driver,
+                                 capture_output=True, text=True, check=False, timeout=120)
+        assert compare.returncode == 0, compare.stderr[-3000:]
+        report = (output / "comparison" / "report.md").read_text()
+        assert "| brick | patchcore |" in report and "not measured" in report  # padim's shifts were not run
 
 
 def test_one_broken_category_fails_alone(tmp_path: Path) -> None:

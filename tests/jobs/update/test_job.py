@@ -4,24 +4,15 @@
 from __future__ import annotations
 
 import json
-import secrets
 import shutil
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 import ray
 from support.paths import BIN, DEMO_CONFIG, REPO_ROOT
-from support.servers import (
-    free_port,
-    mlflow_server_command,
-    ray_env,
-    ray_head_command,
-    started,
-    wait_for_http,
-)
+from support.servers import Cluster, running_cluster
 
 from jobs.common.catalog import model_path, statistics_path
 from jobs.common.config import load_job_config
@@ -111,54 +102,41 @@ def test_ray_job_submit_fit_then_updates_one_promoted_one_not(tmp_path: Path) ->
     for defect in (again / "brick" / "test").iterdir():
         shutil.copytree(defect, bad / "brick" / defect.name)
     output = tmp_path / "out"
-    (tmp_path / "mlflow").mkdir()
-    ray_temp = Path(tempfile.mkdtemp(prefix="ray-upd-", dir="/tmp"))
-    token_file = tmp_path / "ray_token"
-    token_file.write_text(secrets.token_hex(32))
-    env = ray_env(token_file)
-    mlflow_port, gcs_port, dashboard_port = free_port(), free_port(), free_port()
-    uri = f"http://127.0.0.1:{mlflow_port}"
     common = ["--config", "configs/demo.yaml", "--data-root", str(data), "--output", str(output), "--categories", "brick",
               "--set", "padim.image_size=64", "--set", "fit.heatmap_examples=0", "--set", "data.batch_size=8",
               "--set", "tracking.experiment=padim-update-e2e"]
 
-    def submit(module: str, *arguments: str) -> str:
+    def submit(cluster: Cluster, module: str, *arguments: str) -> str:
         job = subprocess.run(
-            [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dashboard_port}", "--working-dir",
-             str(REPO_ROOT), "--runtime-env-json", json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": uri}}),
+            [str(BIN / "ray"), "job", "submit", "--address", cluster.dashboard, "--working-dir", str(REPO_ROOT),
+             "--runtime-env-json", json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": cluster.tracking_uri}}),
              "--", "python", "-m", module, *common, *arguments],
-            env=env, capture_output=True, text=True, check=False, timeout=420)
+            env=cluster.env, capture_output=True, text=True, check=False, timeout=420)
         log = job.stdout + job.stderr
         assert job.returncode == 0, log[-5000:]
         return log
 
-    try:
-        with started(mlflow_server_command(tmp_path / "mlflow", mlflow_port), tmp_path / "mlflow.log") as server, \
-                started(ray_head_command(ray_temp, gcs_port, dashboard_port), tmp_path / "ray.log", env) as head:
-            wait_for_http(f"{uri}/health", server, tmp_path / "mlflow.log", timeout=120)
-            wait_for_http(f"http://127.0.0.1:{dashboard_port}/api/version", head, tmp_path / "ray.log", timeout=120)
-            began = time.monotonic()
-            submit("jobs.fit")
-            assert statistics_path(output / "models", "padim", "brick").is_file()
-            log = submit("jobs.update", "--new-images", str(good), "--from", "registry")
-            assert "6 images added to version 1: version 2 promoted" in log
-            log = submit("jobs.update", "--new-images", str(bad), "--set", "update.max_auroc_drop=0")
-            assert "version 3 NOT promoted: image AUROC fell from" in log
-            print(f"fit and two updates took {time.monotonic() - began:.0f} s")
-            client = MlflowClient(uri, registry_uri=uri)
-            assert client.get_model_version_by_alias("padim-brick", "champion").version == "2"
-            second, third = client.get_model_version("padim-brick", "2"), client.get_model_version("padim-brick", "3")
-            run = client.get_run(second.run_id)
-            assert run.data.params["parent_version"] == "1" and run.data.tags["parent_version"] == "1"
-            assert run.data.params["n_added"] == "6" and run.data.tags["promoted"] == "true"
-            assert {"before_image_auroc", "image_auroc", "before_pixel_auroc", "pixel_auroc"} <= set(run.data.metrics)
-            added = Path(client.download_artifacts(second.run_id, "added_images.txt", str(tmp_path))).read_text().split()
-            assert sorted(Path(path).name for path in added) == sorted(path.name for path in (good / "brick").iterdir())
-            worse = client.get_run(third.run_id)
-            assert worse.data.params["parent_version"] == "2" and worse.data.tags["promoted"] == "false"
-            assert worse.data.metrics["image_auroc"] < worse.data.metrics["before_image_auroc"]
-            assert (output / "candidates" / "models" / "padim" / "brick.safetensors").is_file()
-            summary = json.loads((output / "update.json").read_text())["categories"]["brick/padim"]
-            assert summary["promoted"] is False and "more than update.max_auroc_drop 0" in summary["reason"]
-    finally:
-        shutil.rmtree(ray_temp, ignore_errors=True)
+    with running_cluster(tmp_path) as cluster:
+        began = time.monotonic()
+        submit(cluster, "jobs.fit")
+        assert statistics_path(output / "models", "padim", "brick").is_file()
+        log = submit(cluster, "jobs.update", "--new-images", str(good), "--from", "registry")
+        assert "6 images added to version 1: version 2 promoted" in log
+        log = submit(cluster, "jobs.update", "--new-images", str(bad), "--set", "update.max_auroc_drop=0")
+        assert "version 3 NOT promoted: image AUROC fell from" in log
+        print(f"fit and two updates took {time.monotonic() - began:.0f} s")
+        client = MlflowClient(cluster.tracking_uri, registry_uri=cluster.tracking_uri)
+        assert client.get_model_version_by_alias("padim-brick", "champion").version == "2"
+        second, third = client.get_model_version("padim-brick", "2"), client.get_model_version("padim-brick", "3")
+        run = client.get_run(second.run_id)
+        assert run.data.params["parent_version"] == "1" and run.data.tags["parent_version"] == "1"
+        assert run.data.params["n_added"] == "6" and run.data.tags["promoted"] == "true"
+        assert {"before_image_auroc", "image_auroc", "before_pixel_auroc", "pixel_auroc"} <= set(run.data.metrics)
+        added = Path(client.download_artifacts(second.run_id, "added_images.txt", str(tmp_path))).read_text().split()
+        assert sorted(Path(path).name for path in added) == sorted(path.name for path in (good / "brick").iterdir())
+        worse = client.get_run(third.run_id)
+        assert worse.data.params["parent_version"] == "2" and worse.data.tags["promoted"] == "false"
+        assert worse.data.metrics["image_auroc"] < worse.data.metrics["before_image_auroc"]
+        assert (output / "candidates" / "models" / "padim" / "brick.safetensors").is_file()
+        summary = json.loads((output / "update.json").read_text())["categories"]["brick/padim"]
+        assert summary["promoted"] is False and "more than update.max_auroc_drop 0" in summary["reason"]
