@@ -19,6 +19,9 @@
    normal test images above 3 x alpha, the alarm must ring in >= 95 of 100 batches; unshifted,
    it must stay quiet in >= 95 of 100. Per shift: the first severity the alarm detects, beside
    the first severity that breaks detection by the shift report's rule (`jobs.shift.report`).
+   Also per severity, the chance of as many flagged normal images with no drift at all, and per
+   shift the same verdict over the severities where that chance is below 0.05 (damage that 20
+   normal images can tell from luck).
 
 3. The statistic (`--parts statistic`, simulated scores, no images): why the mean of the upper
    half of the p-values (`drift.trim`) against a null that allows 10% defects
@@ -150,6 +153,10 @@ def shifted_scores(bottle: Path, cache: dict[str, np.ndarray], shift_seed: int) 
     return calibration, cache["labels"], cache
 
 
+SIGNIFICANT = 0.05
+"""A severity's false alarms count as significant damage when as many would come by chance with
+no drift at all less often than this (besides exceeding 3 alpha)."""
+
 FIGURE_KEYS = ("image_auroc", "pixel_auroc", "false_positive_rate", "false_negative_rate")
 
 
@@ -202,7 +209,10 @@ def alarm(bottle: Path, cache: dict[str, np.ndarray], batches: int) -> tuple[lis
         detected = next((row["severity"] for row in shift_rows if row["alarms"] >= 0.95 * batches), None)
         damaged = next((row["severity"] for row in shift_rows if row["must_alarm"]), None)
         breaks = [s for s in (verdict.ranking_breaks_at, verdict.threshold_breaks_at) if s is not None]
+        significant = [row for row in shift_rows if row["must_alarm"] and row["chance_with_no_drift"] < SIGNIFICANT]
         summary.append({"shift": shift, "first_detected": detected, "first_false_alarm_rate_above_3_alpha": damaged,
+                        "first_significant_damage": significant[0]["severity"] if significant else None,
+                        "every_significant_damage_detected": all(row["alarms"] >= 0.95 * batches for row in significant),
                         "ranking_breaks_at": verdict.ranking_breaks_at, "threshold_breaks_at": verdict.threshold_breaks_at,
                         "first_break": min(breaks) if breaks else None,
                         "every_damaged_severity_detected": all(row["alarms"] >= 0.95 * batches
@@ -295,7 +305,9 @@ def main() -> None:
             ("shift", "shift", ""), ("first detected", "first_detected", ""),
             ("first rate > 3 alpha", "first_false_alarm_rate_above_3_alpha", ""),
             ("ranking breaks", "ranking_breaks_at", ""), ("threshold breaks", "threshold_breaks_at", ""),
-            ("every such severity detected", "every_damaged_severity_detected", "")])
+            ("every such severity detected", "every_damaged_severity_detected", ""),
+            (f"first significant (chance < {SIGNIFICANT})", "first_significant_damage", ""),
+            ("every significant one detected", "every_significant_damage_detected", "")])
     if "statistic" in report:
         print(f"\nThe statistic on simulated scores ({SIMULATED} batches each; alarm below 0.01): alarms with 10% "
               "defects and no drift, and detections of the same batches with normal scores risen by 0.3 sd")
