@@ -201,22 +201,27 @@ def alarm(bottle: Path, cache: dict[str, np.ndarray], batches: int) -> tuple[lis
                      "must_alarm": realised > 3 * rate, "alarms": alarm_rate(calibration, labels, scores, batches, settings),
                      "batches": batches, **{k: None if np.isnan(v) else v for k, v in zip(FIGURE_KEYS, figures)}})
     rows.sort(key=lambda row: (PHOTOMETRIC.index(row["shift"]) if row["shift"] else -1, row["severity"]))
+
+    def detected(row: dict[str, Any]) -> bool:
+        return row["alarms"] >= 0.95 * batches
+
     baseline = rows[0]
     summary = []
     for shift in PHOTOMETRIC:
         shift_rows = [row for row in rows if row["shift"] == shift]
         verdict = verdicts([{**baseline, "shift": shift}, *shift_rows], config.shift.tolerance)[0]
-        detected = next((row["severity"] for row in shift_rows if row["alarms"] >= 0.95 * batches), None)
+        first_detected = next((row["severity"] for row in shift_rows if detected(row)), None)
         damaged = next((row["severity"] for row in shift_rows if row["must_alarm"]), None)
         breaks = [s for s in (verdict.ranking_breaks_at, verdict.threshold_breaks_at) if s is not None]
         significant = [row for row in shift_rows if row["must_alarm"] and row["chance_with_no_drift"] < SIGNIFICANT]
-        summary.append({"shift": shift, "first_detected": detected, "first_false_alarm_rate_above_3_alpha": damaged,
+        summary.append({"shift": shift, "first_detected": first_detected,
+                        "first_false_alarm_rate_above_3_alpha": damaged,
                         "first_significant_damage": significant[0]["severity"] if significant else None,
-                        "every_significant_damage_detected": all(row["alarms"] >= 0.95 * batches for row in significant),
+                        "every_significant_damage_detected": all(map(detected, significant)),
                         "ranking_breaks_at": verdict.ranking_breaks_at, "threshold_breaks_at": verdict.threshold_breaks_at,
                         "first_break": min(breaks) if breaks else None,
-                        "every_damaged_severity_detected": all(row["alarms"] >= 0.95 * batches
-                                                               for row in shift_rows if row["must_alarm"])})
+                        "every_damaged_severity_detected": all(detected(row) for row in shift_rows
+                                                               if row["must_alarm"])})
     return rows, summary
 
 
@@ -230,7 +235,7 @@ def statistic_rows() -> list[dict[str, Any]]:
     (N(8, 1)) scores, against 42 and 1,000 calibration scores."""
     rows = []
     for count, images, defects in ((42, 20, 2), (42, 1000, 100), (1000, 1000, 100)):
-        rate = 1 / (count + 1) if count < 99 else 0.01
+        rate, _ = resolve_false_alarm_rate(None, count)
         for trim, defect_share in DESIGNS:
             rng = np.random.default_rng(0)
             quiet = risen = 0
@@ -240,7 +245,8 @@ def statistic_rows() -> list[dict[str, Any]]:
                 for scores, is_risen in ((np.concatenate([normal, defective]), False),
                                          (np.concatenate([normal + 0.3, defective]), True)):
                     counts = level_counts(calibration.exceeding(scores), count)
-                    alarm = drift_test(counts, count, trim=trim, defect_share=defect_share, draws=1000, seed=index).alarm
+                    alarm = drift_test(counts, count, trim=trim, defect_share=defect_share, draws=1000,
+                                       seed=index).alarm
                     risen += alarm and is_risen
                     quiet += alarm and not is_risen
             rows.append({"calibration": count, "batch": f"{images - defects} + {defects}", "trim": trim,
@@ -299,7 +305,8 @@ def main() -> None:
         print_table(report["alarm"], [
             ("shift", "shift", ""), ("severity", "severity", ""), ("level", "level", "g"),
             ("image AUROC", "image_auroc", ".3f"), ("false alarms on normal", "realised_false_alarm_rate", ".2f"),
-            ("as many by chance", "chance_with_no_drift", ".3f"), ("must alarm", "must_alarm", ""), ("alarms", "alarms", "")])
+            ("as many by chance", "chance_with_no_drift", ".3f"), ("must alarm", "must_alarm", ""),
+            ("alarms", "alarms", "")])
         print("\nPer shift: first severity detected (>= 95 alarms) beside the first that breaks detection")
         print_table(report["alarm_summary"], [
             ("shift", "shift", ""), ("first detected", "first_detected", ""),

@@ -18,9 +18,8 @@ Defects are allowed for exactly, not by hope: the null batch holds k = floor(def
 images at the smallest p-value there is, 1 / (n + 1), and m - k exchangeable ones. The statistic
 never rises when a p-value falls, so any batch with at most k defects (scored however high) and
 normal images exchangeable with the calibration ones rings with probability at most alpha, at
-any batch size. A null without the allowance would ring at almost every large batch with a few
-percent of defects in it, since dropping a fixed share no longer hides them from a mean that
-precise.
+any batch size. Without the allowance, dropping a share only roughly hides defects, and the more
+calibration scores there are, the more precise the null and the more often defects alone ring.
 
 Everything works on level counts: `counts[l]` images whose score has exactly l calibration
 scores at or above it (p-value (1 + l) / (n + 1)), so a streaming job keeps n + 1 integers per
@@ -66,8 +65,8 @@ class DriftTest:
 
     def to_dict(self) -> dict[str, Any]:
         return {"images": self.images, "calibration_count": self.calibration_count, "trim": self.trim,
-                "defect_share": self.defect_share, "alpha": self.alpha, "statistic": self.statistic, "p_value": self.p_value, "alarm": self.alarm,
-                "verdict": self.verdict}
+                "defect_share": self.defect_share, "alpha": self.alpha, "statistic": self.statistic,
+                "p_value": self.p_value, "alarm": self.alarm, "verdict": self.verdict}
 
 
 def level_counts(exceeding: Any, count: int) -> np.ndarray:
