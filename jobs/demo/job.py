@@ -16,7 +16,7 @@ from typing import Sequence
 
 from jobs.common import cli
 from jobs.common.config import load_job_config
-from jobs.score.drift import drift_file
+from jobs.common.outputs import drift_file
 from padim_core.command_line import command_parser
 from padim_core.datasets import discover_categories, list_images
 from padim_core.demo_data import build_demo_dataset

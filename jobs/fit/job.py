@@ -35,9 +35,9 @@ from jobs.common import cli, runner, tracking
 from jobs.common.catalog import STATISTICS, model_path, statistics_path
 from jobs.common.comparison import write_comparison
 from jobs.common.config import JobConfig
+from jobs.common.evaluation_report import METRICS, format_table, write_category_artifacts
 from jobs.common.pyfunc import log_pyfunc_model
 from jobs.common.runner import PerCategoryJob, RunContext, TaskResult, Unit
-from jobs.fit.artifacts import write_category_artifacts
 from jobs.fit.shards import ShardRequest, ShardStatistics, fit_sharded, shard_count
 from padim_core.calibration import resolve_false_alarm_rate
 from padim_core.command_line import command_parser
@@ -58,17 +58,6 @@ SUMMARY_FIELDS = (
     "model_size_mb", "peak_rss_mb",
 )
 """Per (category, detector) figures in metrics.json and the summary table, next to `status` and `error`."""
-
-METRICS = {
-    "image_auroc": "image_auroc", "pixel_auroc": "pixel_auroc", "aupro": "aupro", "threshold": "threshold",
-    "false_alarm_rate": "false_alarm_rate", "realised_false_alarm_rate": "realised_false_alarm_rate",
-    "recall": "recall", "oracle_f1_threshold": "oracle_f1_threshold",
-    "fit_seconds": "fit_seconds", "images_per_second": "fit_images_per_second",
-    "predict_images_per_second": "predict_images_per_second", "model_size_mb": "model_size_mb",
-    "peak_rss_mb": "peak_rss_mb",
-}
-"""MLflow metric name -> evaluation figure: the same names for every category and detector."""
-
 
 @dataclass(frozen=True)
 class FitRequest:
@@ -247,40 +236,6 @@ def metrics_by_category(results: Sequence[TaskResult]) -> dict[str, dict[str, di
             "model_path": result.values.get("model_path"), "model_version": result.values.get("model_version"),
         }
     return found
-
-
-def format_table(results: Sequence[TaskResult]) -> str:
-    """One line per (category, detector), then the failure reasons, so it fits one screen: the
-    threshold with the false-alarm rate it was calibrated for (alpha), the rate realised on the
-    normal test images and the recall at it."""
-    columns = [
-        ("category", "category", "<", None), ("detector", "detector", "<", None), ("status", "status", "<", None),
-        ("fit", "n_train", ">", "d"), ("test", "n_test", ">", "d"),
-        ("img AUROC", "image_auroc", ">", ".3f"), ("px AUROC", "pixel_auroc", ">", ".3f"),
-        ("AUPRO", "aupro", ">", ".3f"), ("threshold", "threshold", ">", ".4g"), ("alpha", "false_alarm_rate", ">", ".3g"),
-        ("FA rate", "realised_false_alarm_rate", ">", ".3f"), ("recall", "recall", ">", ".3f"),
-        ("img/s", "fit_images_per_second", ">", ".1f"),
-    ]
-
-    def cell(result: TaskResult, key: str, spec: str | None) -> str:
-        value = getattr(result, key) if key in ("category", "detector", "status") else result.values.get(key)
-        if value is None:
-            return "-"
-        return format(value, spec) if spec else str(value)
-
-    rows = [[cell(result, key, spec) for _, key, _, spec in columns] for result in results]
-    widths = [max(len(title), *(len(row[i]) for row in rows)) for i, (title, *_) in enumerate(columns)]
-
-    def line(cells: Sequence[str]) -> str:
-        return "  ".join(f"{text:{align}{width}}" for text, width, (_, _, align, _) in zip(cells, widths, columns)).rstrip()
-
-    lines = [line([title for title, *_ in columns]), line(["-" * width for width in widths])]
-    lines += [line(row) for row in rows]
-    failures = [result for result in results if not result.ok]
-    if failures:
-        lines.append("")
-        lines += [f"{result.label} failed: {result.error}" for result in failures]
-    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -19,13 +19,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from jobs.common.outputs import drift_file
 from jobs.common.tracking import metric_segment
 from padim_core.calibration import Calibration
 from padim_core.drift import DriftTest, drift_test, level_counts, levels_of_p_values
 from padim_core.safe_write import write_file
-
-DRIFT_SUFFIX = ".drift.json"
-
 
 @dataclass(frozen=True)
 class DriftResult:
@@ -91,12 +89,6 @@ def _test(counts: np.ndarray, count: int, settings: Any) -> DriftTest:
 
 
 # ------------------------------------------------------------------------------ reporting
-def drift_file(output: Path) -> Path:
-    """`<output>.drift.json`, beside the table folder: inside it, every Parquet reader of the
-    folder would try to read it as a table file."""
-    return output.with_name(output.name + DRIFT_SUFFIX)
-
-
 def write_drift_file(output: Path, results: Sequence[DriftResult], job_id: str, settings: Any) -> Path:
     report = {
         "table": str(output), "job_id": job_id,

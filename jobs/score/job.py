@@ -38,7 +38,8 @@ from jobs.common.catalog import ModelEntry, ModelError, resolve_models
 from jobs.common.categories import category_problem
 from jobs.common.config import JobConfig, load_job_config
 from jobs.score import table as score_table
-from jobs.score.drift import DriftCounter, drift_file, drift_metrics, write_drift_file
+from jobs.common.outputs import drift_file
+from jobs.score.drift import DriftCounter, drift_metrics, write_drift_file
 from jobs.score.output import MODES, OutputFolder
 from jobs.score.pipeline import (
     ModelHandle,

@@ -16,7 +16,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from jobs.common import tracking
-from jobs.score.drift import DriftResult, drift_file, drift_lines
+from jobs.common.outputs import drift_file
+from jobs.score.drift import DriftResult, drift_lines
 
 HISTOGRAM_SAMPLE = 100_000  # scores kept per category for its histogram (a uniform sample beyond that)
 

@@ -32,10 +32,9 @@ from mlflow import MlflowClient
 from jobs.common import cli, runner, tracking
 from jobs.common.catalog import STATISTICS, model_path, statistics_path
 from jobs.common.config import JobConfig
+from jobs.common.evaluation_report import METRICS, format_table, write_category_artifacts
 from jobs.common.pyfunc import log_pyfunc_model
 from jobs.common.runner import PerCategoryJob, RunContext, TaskResult, Unit
-from jobs.fit.artifacts import write_category_artifacts
-from jobs.fit.job import METRICS, format_table
 from jobs.update.sources import MANIFESTS, Source, find_source, new_images
 from padim_core.command_line import command_parser
 from padim_core.datasets import MvtecCategory

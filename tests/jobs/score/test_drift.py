@@ -10,9 +10,9 @@ import numpy as np
 import pyarrow as pa
 
 from jobs.common.config import DriftConfig
+from jobs.common.outputs import drift_file
 from jobs.score.drift import (
     DriftCounter,
-    drift_file,
     drift_lines,
     drift_metrics,
     write_drift_file,

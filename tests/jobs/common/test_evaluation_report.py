@@ -9,13 +9,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
-from support.images import noise_png
 
-from jobs.fit.artifacts import heatmap_sample, write_category_artifacts
+from jobs.common.evaluation_report import heatmap_sample, write_category_artifacts
 from padim_core.calibration import Calibration
 from padim_core.evaluate import Evaluation
 from padim_core.manifest import SplitManifest
 from padim_core.padim import PadimModel
+
+from support.images import noise_png
 
 
 @pytest.mark.parametrize(

@@ -1,14 +1,27 @@
-"""What a fit leaves in its MLflow child run: the per-image scores, the ROC curve, a score
-histogram and heatmaps of a sample of test images."""
+"""How an evaluated (category, detector) is reported, the same way by padim-fit and padim-update:
+its MLflow metric names, what it leaves in its child run (the per-image scores, the ROC curve, a
+score histogram and heatmaps of a sample of test images) and its line in the summary table."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
+from jobs.common.runner import TaskResult
 from padim_core.evaluate import Evaluation
 from padim_core.safe_write import write_file
+
+METRICS = {
+    "image_auroc": "image_auroc", "pixel_auroc": "pixel_auroc", "aupro": "aupro", "threshold": "threshold",
+    "false_alarm_rate": "false_alarm_rate", "realised_false_alarm_rate": "realised_false_alarm_rate",
+    "recall": "recall", "oracle_f1_threshold": "oracle_f1_threshold",
+    "fit_seconds": "fit_seconds", "images_per_second": "fit_images_per_second",
+    "predict_images_per_second": "predict_images_per_second", "model_size_mb": "model_size_mb",
+    "peak_rss_mb": "peak_rss_mb",
+}
+"""MLflow metric name -> evaluation figure: the same names for every category and detector."""
 
 
 def write_category_artifacts(evaluation: Evaluation, category: str, folder: Path, heatmap_examples: int) -> None:
@@ -75,3 +88,37 @@ def heatmap_sample(labels: np.ndarray, count: int) -> list[int]:
         if n:
             chosen.extend(int(group[i]) for i in np.linspace(0, len(group) - 1, n).round().astype(int))
     return sorted(set(chosen))
+
+
+def format_table(results: Sequence[TaskResult]) -> str:
+    """One line per (category, detector), then the failure reasons, so it fits one screen: the
+    threshold with the false-alarm rate it was calibrated for (alpha), the rate realised on the
+    normal test images and the recall at it."""
+    columns = [
+        ("category", "category", "<", None), ("detector", "detector", "<", None), ("status", "status", "<", None),
+        ("fit", "n_train", ">", "d"), ("test", "n_test", ">", "d"),
+        ("img AUROC", "image_auroc", ">", ".3f"), ("px AUROC", "pixel_auroc", ">", ".3f"),
+        ("AUPRO", "aupro", ">", ".3f"), ("threshold", "threshold", ">", ".4g"), ("alpha", "false_alarm_rate", ">", ".3g"),
+        ("FA rate", "realised_false_alarm_rate", ">", ".3f"), ("recall", "recall", ">", ".3f"),
+        ("img/s", "fit_images_per_second", ">", ".1f"),
+    ]
+
+    def cell(result: TaskResult, key: str, spec: str | None) -> str:
+        value = getattr(result, key) if key in ("category", "detector", "status") else result.values.get(key)
+        if value is None:
+            return "-"
+        return format(value, spec) if spec else str(value)
+
+    rows = [[cell(result, key, spec) for _, key, _, spec in columns] for result in results]
+    widths = [max(len(title), *(len(row[i]) for row in rows)) for i, (title, *_) in enumerate(columns)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(f"{text:{align}{width}}" for text, width, (_, _, align, _) in zip(cells, widths, columns)).rstrip()
+
+    lines = [line([title for title, *_ in columns]), line(["-" * width for width in widths])]
+    lines += [line(row) for row in rows]
+    failures = [result for result in results if not result.ok]
+    if failures:
+        lines.append("")
+        lines += [f"{result.label} failed: {result.error}" for result in failures]
+    return "\n".join(lines)
