@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 
@@ -129,22 +129,30 @@ def conformal_rank(count: int, false_alarm_rate: float) -> int:
     return count - most
 
 
+def random_splits(size: int, calibration_count: int, resplits: int, seed: int = 0
+                  ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """`resplits` random splits of `size` exchangeable normal images: (calibration indices, test
+    indices), `calibration_count` of them calibrating and the rest as test images. The same seed
+    gives the same splits."""
+    if not 0 < calibration_count < size:
+        raise ValueError(f"calibration_count must leave test images among the {size} scores, got {calibration_count}")
+    rng = np.random.default_rng(seed)
+    for _ in range(resplits):
+        order = rng.permutation(size)
+        yield order[:calibration_count], order[calibration_count:]
+
+
 def realised_false_alarm_rates(normal_scores: Any, calibration_count: int, false_alarm_rate: float, resplits: int,
                                seed: int = 0) -> np.ndarray:
     """What the guarantee promises, measured: per random split of `normal_scores` (normal images
     the fit never saw, so exchangeable) into `calibration_count` calibration scores and the rest as
-    test images, the share of test images above the conformal threshold. Their mean estimates the
-    false-alarm rate, which the guarantee bounds by `false_alarm_rate`. The same seed gives the
-    same splits whatever the rate."""
+    test images (`random_splits`), the share of test images above the conformal threshold. Their
+    mean estimates the false-alarm rate, which the guarantee bounds by `false_alarm_rate`. The same
+    seed gives the same splits whatever the rate."""
     scores = np.asarray(normal_scores, dtype=np.float64).ravel()
-    if not 0 < calibration_count < len(scores):
-        raise ValueError(f"calibration_count must leave test images among the {len(scores)} scores, got {calibration_count}")
-    rng = np.random.default_rng(seed)
     rates = np.empty(resplits)
-    for index in range(resplits):
-        order = rng.permutation(len(scores))
-        calibration = Calibration.conformal(scores[order[:calibration_count]], false_alarm_rate)
-        rates[index] = calibration.is_anomalous(scores[order[calibration_count:]]).mean()
+    for index, (calibrating, testing) in enumerate(random_splits(len(scores), calibration_count, resplits, seed)):
+        rates[index] = Calibration.conformal(scores[calibrating], false_alarm_rate).is_anomalous(scores[testing]).mean()
     return rates
 
 

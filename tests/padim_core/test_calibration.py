@@ -18,6 +18,7 @@ from padim_core.calibration import (
     Calibration,
     conformal_rank,
     images_needed,
+    random_splits,
     realised_false_alarm_rates,
     resolve_false_alarm_rate,
 )
@@ -117,6 +118,18 @@ def test_realised_rates_follow_the_same_splits_for_every_rate() -> None:
     assert abs(loose.mean() - 0.1) < 0.01 and strict.mean() <= 0.02
     with pytest.raises(ValueError, match="must leave test images"):
         realised_false_alarm_rates(scores, 400, 0.1, resplits=1)
+
+
+def test_random_splits_partition_every_image_and_repeat_with_the_seed() -> None:
+    splits = list(random_splits(10, 4, resplits=50, seed=7))
+    assert len(splits) == 50
+    for calibrating, testing in splits:
+        assert len(calibrating) == 4 and sorted(np.concatenate([calibrating, testing]).tolist()) == list(range(10))
+    assert len({tuple(calibrating) for calibrating, _ in splits}) > 1  # not one split over and over
+    again = list(random_splits(10, 4, resplits=50, seed=7))
+    assert all((a == b).all() and (c == d).all() for (a, c), (b, d) in zip(splits, again))
+    with pytest.raises(ValueError, match="must leave test images"):
+        next(random_splits(10, 0, resplits=1))
 
 
 def test_the_default_rate_follows_the_calibration_count() -> None:
