@@ -40,7 +40,7 @@ CPUS = 2
 def _warm_up() -> int:
     """Import what a fit task imports, so neither mode pays for it."""
     import jobs.fit.job  # noqa: F401
-    import padim_core.metrics  # noqa: F401
+    import padim_core.metrics
     import padim_core.viz  # noqa: F401
 
     return 0
@@ -96,9 +96,9 @@ def main() -> None:
             ray.get([_warm_up.remote() for _ in range(CPUS)])
             times: dict[int, list[float]] = {CPUS: [], 1: []}
             for _ in range(args.repeats):
-                for num_cpus in times:
-                    times[num_cpus].append(run_mode(num_cpus, categories, data, config, uri, client, experiment, folder))
-                    print(f"  num_cpus={num_cpus}: {times[num_cpus][-1]:.1f} s", flush=True)
+                for num_cpus, runs in times.items():
+                    runs.append(run_mode(num_cpus, categories, data, config, uri, client, experiment, folder))
+                    print(f"  num_cpus={num_cpus}: {runs[-1]:.1f} s", flush=True)
         finally:
             ray.shutdown()
 

@@ -31,25 +31,25 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # anomalib's coreset progress bar
 warnings.filterwarnings("ignore", category=FutureWarning)  # timm's and anomalib's deprecation notes at import
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from padim_core import patchcore  # noqa: E402
-from padim_core.backbones import get_backbone  # noqa: E402
-from padim_core.config import PatchcoreConfig  # noqa: E402
-from padim_core.datasets import MvtecCategory  # noqa: E402
-from padim_core.evaluate import peak_rss_mb  # noqa: E402
-from padim_core.images import ImageTransform, load_mask  # noqa: E402
-from padim_core.loader import image_batches  # noqa: E402
-from padim_core.metrics import image_auroc, pixel_auroc  # noqa: E402
-from padim_core.patchcore import PatchcoreModel  # noqa: E402
-from tests.support.anomalib_reference import (  # noqa: E402
+from padim_core import patchcore
+from padim_core.backbones import get_backbone
+from padim_core.config import PatchcoreConfig
+from padim_core.datasets import MvtecCategory
+from padim_core.evaluate import peak_rss_mb
+from padim_core.images import ImageTransform, load_mask
+from padim_core.loader import image_batches
+from padim_core.metrics import image_auroc, pixel_auroc
+from padim_core.patchcore import PatchcoreModel
+from tests.support.anomalib_reference import (
     anomalib_patchcore,
     anomalib_patchcore_fit,
     anomalib_predict,

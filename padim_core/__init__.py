@@ -20,7 +20,7 @@ _LAZY = {
     "PadimError": "padim_core.errors",
     "ModelFileError": "padim_core.errors",
 }
-__all__ = [*_LAZY, "__version__"]
+__all__ = [*_LAZY, "__version__"]  # noqa: PLE0604 (_LAZY's keys are strings)
 
 
 def __getattr__(name: str):

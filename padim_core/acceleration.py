@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -41,7 +41,7 @@ def optimize_for_inference(module: nn.Module, example: torch.Tensor) -> Callable
         with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             frozen = torch.jit.freeze(torch.jit.trace(module, channels_last(example[:1].clone()), check_trace=False))
-    except Exception as error:  # tracing is an optimisation: fall back to eager rather than fail
+    except Exception as error:  # noqa: BLE001 (tracing is an optimisation: fall back to eager rather than fail)
         log.warning("could not trace %s (%s); running it eagerly", type(module).__name__, error)
         return lambda images: module(channels_last(images))
     return lambda images: frozen(channels_last(images))

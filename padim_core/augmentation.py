@@ -16,8 +16,9 @@ the same order give the same model whatever the batch size.
 from __future__ import annotations
 
 import zlib
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any
 
 import torch
 
@@ -69,7 +70,7 @@ class PhotometricAugmentation:
         return values
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any] | None) -> "PhotometricAugmentation":
+    def from_dict(cls, values: Mapping[str, Any] | None) -> PhotometricAugmentation:
         """From a model file's or config's mapping (None: no augmentation)."""
         if values is None:
             return cls()

@@ -8,8 +8,8 @@ and stops after the deepest one PaDiM needs, so layers that are never used are n
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 from torch import nn

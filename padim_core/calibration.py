@@ -15,9 +15,11 @@ count, so they cannot disagree.
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -40,7 +42,7 @@ class Calibration:
     false_alarm_rate: float | None = None
 
     @classmethod
-    def conformal(cls, scores: Any, false_alarm_rate: float) -> "Calibration":
+    def conformal(cls, scores: Any, false_alarm_rate: float) -> Calibration:
         """The conformal threshold of held-out normal `scores` for `false_alarm_rate` (alpha)."""
         ordered = np.sort(np.asarray(scores, dtype=np.float64).ravel())
         if not np.isfinite(ordered).all():
@@ -77,7 +79,7 @@ class Calibration:
         }
 
     @classmethod
-    def from_dict(cls, values: Any, where: str) -> "Calibration":
+    def from_dict(cls, values: Any, where: str) -> Calibration:
         """Validate a model file's `calibration` entry; `where` names the file in errors."""
         if not isinstance(values, Mapping):
             raise ModelFileError(f"{where}: calibration must be a mapping, got {values!r}")
@@ -91,7 +93,7 @@ class Calibration:
             raise ModelFileError(f"{where}: calibration.false_alarm_rate must be null or in (0, 1), got {rate!r}")
         if not isinstance(scores, list) or not all(_finite(score) for score in scores) or len(scores) > MAX_SCORES:
             raise ModelFileError(f"{where}: calibration.scores must be a list of at most {MAX_SCORES} finite numbers")
-        if any(a > b for a, b in zip(scores, scores[1:])):
+        if any(a > b for a, b in itertools.pairwise(scores)):
             raise ModelFileError(f"{where}: calibration.scores must be sorted in ascending order")
         if values.get("count") != len(scores):
             raise ModelFileError(f"{where}: calibration.count is {values.get('count')!r} but it lists {len(scores)} scores")

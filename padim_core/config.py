@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Mapping, Sequence
+from typing import Any, ClassVar
 
 import yaml
 
@@ -24,9 +25,9 @@ from padim_core.coreset import DEFAULT_CHUNK_PATCHES, DEFAULT_PROJECTION_DIM
 from padim_core.datasets import MvtecCategory
 from padim_core.detector import KINDS, Detector, detector_class
 from padim_core.errors import BackboneError, ConfigError
-from padim_core.manifest import SplitManifest, category_manifest
 from padim_core.features import EMBEDDINGS
 from padim_core.gaussian import REGULARIZATION_SCALES, SHRINKAGE
+from padim_core.manifest import SplitManifest, category_manifest
 from padim_core.model_file import MAX_IMAGE_SIDE
 from padim_core.shifts import SHIFTS
 

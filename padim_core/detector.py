@@ -15,8 +15,9 @@ from __future__ import annotations
 import importlib
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterable, Mapping, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -45,7 +46,7 @@ KINDS: dict[str, str] = {
 """Detector kind -> `module:class`; imported on first use, so loading one kind never imports the others."""
 
 
-def detector_class(kind: str) -> type["Detector"]:
+def detector_class(kind: str) -> type[Detector]:
     """The class registered for `kind`."""
     if kind not in KINDS:
         raise ModelFileError(f"unknown detector kind {kind!r}; known kinds: {sorted(KINDS)}")
@@ -53,7 +54,7 @@ def detector_class(kind: str) -> type["Detector"]:
     return getattr(importlib.import_module(module), name)
 
 
-def load_detector(source: ModelSource, device: str | torch.device | None = None) -> "Detector":
+def load_detector(source: ModelSource, device: str | torch.device | None = None) -> Detector:
     """Any detector from its model file (a path or the file's bytes), by the kind the file names."""
     return Detector.load(source, device)
 
@@ -104,11 +105,11 @@ class Detector(ABC):
 
     # ------------------------------------------------------------ what a kind implements
     @abstractmethod
-    def fit(self, batches: Iterable[torch.Tensor]) -> "Detector":
+    def fit(self, batches: Iterable[torch.Tensor]) -> Detector:
         """Learn from batches of normal images (uint8 pixels or normalised, `[B, 3, H, W]`); returns self."""
 
     @abstractmethod
-    def update(self, batches: Iterable[torch.Tensor], statistics: Any = None) -> "Detector":
+    def update(self, batches: Iterable[torch.Tensor], statistics: Any = None) -> Detector:
         """Add new normal images to a fitted detector (PaDiM also needs the statistics of its fit)."""
 
     @abstractmethod
@@ -125,7 +126,7 @@ class Detector(ABC):
 
     @classmethod
     @abstractmethod
-    def _from_file(cls, file: ModelFile, common: dict[str, Any], device: torch.device | None) -> "Detector":
+    def _from_file(cls, file: ModelFile, common: dict[str, Any], device: torch.device | None) -> Detector:
         """A fitted detector from a validated file; `common` holds the constructor's shared arguments."""
 
     # ----------------------------------------------------------------- shared machinery
@@ -179,7 +180,7 @@ class Detector(ABC):
         scores, maps = self.predict(self.transform.to_pixels(image)[None])
         return float(scores[0]), maps[0].numpy()
 
-    def calibrate(self, calibration: Calibration, **score_stats: float) -> "Detector":
+    def calibrate(self, calibration: Calibration, **score_stats: float) -> Detector:
         """Set the decision rule (anomalous: score > threshold) and score statistics (e.g. map range)."""
         self.calibration_ = calibration
         self.score_stats_.update({key: float(value) for key, value in score_stats.items()})
@@ -220,7 +221,7 @@ class Detector(ABC):
         return write_model_file(path, self._state(), self.metadata())
 
     @classmethod
-    def load(cls, source: ModelSource, device: str | torch.device | None = None) -> "Detector":
+    def load(cls, source: ModelSource, device: str | torch.device | None = None) -> Detector:
         """Load and validate a model file (a path or its bytes). Called on a concrete class,
         the file must hold that kind."""
         file = read_model_file(source)
@@ -229,11 +230,11 @@ class Detector(ABC):
             raise ModelFileError(f"{file.where} holds a {file.kind} model, not {cls.kind}")
         meta = file.metadata
         try:
-            common = dict(
-                backbone=meta["backbone"], layers=meta["layers"], image_size=meta["image_size"],
-                blur_sigma=meta["blur_sigma"], pretrained=meta["pretrained"], device=device,
-                augmentation=PhotometricAugmentation.from_dict(meta["settings"].get("augmentation")),
-            )
+            common = {
+                "backbone": meta["backbone"], "layers": meta["layers"], "image_size": meta["image_size"],
+                "blur_sigma": meta["blur_sigma"], "pretrained": meta["pretrained"], "device": device,
+                "augmentation": PhotometricAugmentation.from_dict(meta["settings"].get("augmentation")),
+            }
             detector = kind_class._from_file(file, common, device)
         except (KeyError, TypeError, ValueError) as error:
             raise ModelFileError(f"{file.where}: settings do not describe a usable {file.kind} model ({error})") from None

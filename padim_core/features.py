@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 
@@ -69,7 +71,7 @@ class PatchEmbedder(nn.Module):
         starts = [0]
         for size in sizes:
             starts.append(starts[-1] + size)
-        for i, (layer_start, layer_end) in enumerate(zip(starts[:-1], starts[1:])):
+        for i, (layer_start, layer_end) in enumerate(itertools.pairwise(starts)):
             chosen = channel_index[(channel_index >= layer_start) & (channel_index < layer_end)] - layer_start
             self.register_buffer(f"index_{i}", chosen)
         if projection is not None and (projection.ndim != 2 or projection.shape[0] != channel_index.numel()):

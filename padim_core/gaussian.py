@@ -50,7 +50,7 @@ class GaussianAccumulator:
     norm2_x: torch.Tensor  # [L, C] float64: sum of |x|^2 x
 
     @classmethod
-    def empty(cls, grid_shape: tuple[int, int], channels: int, device: torch.device | str = "cpu") -> "GaussianAccumulator":
+    def empty(cls, grid_shape: tuple[int, int], channels: int, device: torch.device | str = "cpu") -> GaussianAccumulator:
         locations = grid_shape[0] * grid_shape[1]
 
         def zeros(*shape: int) -> torch.Tensor:
@@ -67,7 +67,7 @@ class GaussianAccumulator:
     def channels(self) -> int:
         return self.total.shape[1]
 
-    def update(self, patches: torch.Tensor) -> "GaussianAccumulator":
+    def update(self, patches: torch.Tensor) -> GaussianAccumulator:
         """Add a batch of patch embeddings `[L, B, C]` (one `[B, C]` matrix per location)."""
         if patches.ndim != 3 or patches.shape[0] != self.locations or patches.shape[2] != self.channels:
             raise ValueError(
@@ -89,12 +89,12 @@ class GaussianAccumulator:
         self.count += batch
         return self
 
-    def __add__(self, other: "GaussianAccumulator") -> "GaussianAccumulator":
+    def __add__(self, other: GaussianAccumulator) -> GaussianAccumulator:
         merged = GaussianAccumulator(self.grid_shape, self.count, **{name: value.clone() for name, value in self.tensors().items()})
         merged += other
         return merged
 
-    def __iadd__(self, other: "GaussianAccumulator") -> "GaussianAccumulator":
+    def __iadd__(self, other: GaussianAccumulator) -> GaussianAccumulator:
         """Merge `other` into these sums in place (a driver merging shards then holds one set, not two)."""
         if (self.grid_shape, self.channels) != (other.grid_shape, other.channels):
             raise ValueError(

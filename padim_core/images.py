@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import io
 import struct
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence, Union
 
 import numpy as np
 import torch
@@ -27,7 +27,7 @@ PIL's own guard (`PIL.Image.MAX_IMAGE_PIXELS`) still applies on top: it warns ab
 megapixels and refuses above twice that.
 """
 
-ImageSource = Union[str, Path, bytes, bytearray, memoryview, Image.Image, np.ndarray]
+ImageSource = str | Path | bytes | bytearray | memoryview | Image.Image | np.ndarray
 
 # What PIL raises for unreadable input: UnidentifiedImageError and truncation are OSErrors,
 # broken PNG chunks are SyntaxErrors, bad headers surface as ValueError, EOFError or struct.error.

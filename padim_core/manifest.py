@@ -19,9 +19,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -93,16 +94,16 @@ class SplitManifest:
     def save(self, path: str | Path) -> Path:
         return write_file(path, self.to_json())
 
-    def adding_fit(self, images: Sequence[Path]) -> "SplitManifest":
+    def adding_fit(self, images: Sequence[Path]) -> SplitManifest:
         """This split with `images` added to its fit images (new normal images of an update)."""
         added = tuple(_entry(self.root, Path(path)) for path in images)
         return replace(self, method=f"{self.method}; {len(added)} images added", fit=self.fit + added)
 
-    def at(self, root: str | Path) -> "SplitManifest":
+    def at(self, root: str | Path) -> SplitManifest:
         """The same split read under another category folder (the data moved or is mounted elsewhere)."""
         return replace(self, root=Path(root))
 
-    def verify(self) -> "SplitManifest":
+    def verify(self) -> SplitManifest:
         """Every file exists under `root` with the hash the manifest names; else a `DatasetError` naming them."""
         problems = []
         for role in ROLES:
@@ -123,7 +124,7 @@ class SplitManifest:
             )
         return self
 
-    def check(self, min_fit: int = 1) -> "SplitManifest":
+    def check(self, min_fit: int = 1) -> SplitManifest:
         """At least `min_fit` fit images and one calibration image, and no calibration image
         (by path or by content) among the fit images."""
         if len(self.fit) < min_fit:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 
@@ -105,7 +106,7 @@ class PadimModel(Detector):
             raise ValueError("fit needs at least one batch of training images, got none")
         return accumulator
 
-    def fit_accumulator(self, accumulator: GaussianAccumulator) -> "PadimModel":
+    def fit_accumulator(self, accumulator: GaussianAccumulator) -> PadimModel:
         """Finalise the Gaussians from (possibly merged) running sums."""
         mean, inv_covariance = accumulator.finalize(
             self.regularization, shrinkage=self.shrinkage, regularization_scale=self.regularization_scale)
@@ -113,10 +114,10 @@ class PadimModel(Detector):
         self.n_train_ = accumulator.count // self.augmentation.images_per_source
         return self
 
-    def fit(self, batches: Iterable[torch.Tensor]) -> "PadimModel":
+    def fit(self, batches: Iterable[torch.Tensor]) -> PadimModel:
         return self.fit_accumulator(self.accumulate(batches))
 
-    def update(self, batches: Iterable[torch.Tensor], statistics: GaussianAccumulator | None = None) -> "PadimModel":
+    def update(self, batches: Iterable[torch.Tensor], statistics: GaussianAccumulator | None = None) -> PadimModel:
         """Add new normal images to the running sums of an earlier fit (`statistics`, which grow in
         place) and finalise again: exactly the model a fit on all the images would give."""
         if statistics is None:
@@ -150,7 +151,7 @@ class PadimModel(Detector):
         return {"mean": self.mean_.float(), "inv_covariance": self.inv_covariance_.float(), **reduction}
 
     @classmethod
-    def _from_file(cls, file: ModelFile, common: dict[str, Any], device: torch.device | None) -> "PadimModel":
+    def _from_file(cls, file: ModelFile, common: dict[str, Any], device: torch.device | None) -> PadimModel:
         settings = file.metadata["settings"]
         channels = settings["n_features"]
         # Files written before the robustness options hold the paper's PaDiM: these defaults.

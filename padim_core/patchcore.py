@@ -10,7 +10,8 @@ largest patch score re-weighted by how isolated its nearest bank patch is (the p
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -118,12 +119,12 @@ class PatchcoreModel(Detector):
             raise ValueError("fit needs at least one batch of training images, got none")
         return coreset, grid
 
-    def fit(self, batches: Iterable[torch.Tensor]) -> "PatchcoreModel":
+    def fit(self, batches: Iterable[torch.Tensor]) -> PatchcoreModel:
         coreset, grid = self.accumulate(batches)
         patches_per_image = grid[0] * grid[1] * self.augmentation.images_per_source
         return self.set_memory_bank(coreset.bank(), grid, coreset.seen // patches_per_image)
 
-    def update(self, batches: Iterable[torch.Tensor], statistics: None = None) -> "PatchcoreModel":
+    def update(self, batches: Iterable[torch.Tensor], statistics: None = None) -> PatchcoreModel:
         """Add new normal images: the coreset of their patches, made by the same streaming method
         as the fit, joins the bank. Approximate: a refit would choose its coreset among all the
         patches at once (the README measures how close the two come)."""
@@ -133,7 +134,7 @@ class PatchcoreModel(Detector):
         added = coreset.seen // (grid[0] * grid[1] * self.augmentation.images_per_source)
         return self.set_memory_bank(torch.cat([self.memory_bank_.float().cpu(), coreset.bank()]), grid, self.n_train_ + added)
 
-    def set_memory_bank(self, bank: torch.Tensor, grid_shape: tuple[int, int], n_train: int) -> "PatchcoreModel":
+    def set_memory_bank(self, bank: torch.Tensor, grid_shape: tuple[int, int], n_train: int) -> PatchcoreModel:
         """Use `bank [M, C]` (rounded to `BANK_DTYPE`) as the memory bank of a `grid_shape` patch
         grid fitted on `n_train` images."""
         if bank.ndim != 2 or bank.shape[1] != self.embedding_size:
@@ -191,7 +192,7 @@ class PatchcoreModel(Detector):
         return {"memory_bank": self.memory_bank_.to(BANK_DTYPE)}
 
     @classmethod
-    def _from_file(cls, file: ModelFile, common: dict[str, Any], device: torch.device | None) -> "PatchcoreModel":
+    def _from_file(cls, file: ModelFile, common: dict[str, Any], device: torch.device | None) -> PatchcoreModel:
         settings = file.metadata["settings"]
         model = cls(
             **common, coreset_ratio=settings["coreset_ratio"], num_neighbors=settings["num_neighbors"],

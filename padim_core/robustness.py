@@ -7,8 +7,9 @@ each shifted variant goes through `scoring.score_batch` as the unshifted images 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch

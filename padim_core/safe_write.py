@@ -14,8 +14,8 @@ import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 STAGING_MARK = ".staging-"
 """In the names of staging folders: `.<name>.staging-<id>` beside the destination."""
@@ -62,7 +62,7 @@ class StagedFolder:
         self.target = Path(target)
         self.path = self.target.with_name(f".{self.target.name}{STAGING_MARK}{uuid.uuid4().hex[:12]}")
 
-    def __enter__(self) -> "StagedFolder":
+    def __enter__(self) -> StagedFolder:
         self.target.parent.mkdir(parents=True, exist_ok=True)
         self.path.mkdir(mode=0o777)
         return self

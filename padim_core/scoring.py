@@ -7,8 +7,8 @@ MLflow pyfunc model - turns its images into uint8 pixels at the model's input si
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch

@@ -63,7 +63,7 @@ class PackedSums:
     tensors: dict[str, torch.Tensor]  # as GaussianAccumulator.tensors(), `outer` packed to [L, C (C + 1) / 2]
 
     @classmethod
-    def of(cls, accumulator: GaussianAccumulator) -> "PackedSums":
+    def of(cls, accumulator: GaussianAccumulator) -> PackedSums:
         rows, columns = torch.triu_indices(accumulator.channels, accumulator.channels)
         tensors = {name: (value[:, rows, columns] if name == "outer" else value).detach().cpu().contiguous()
                    for name, value in accumulator.tensors().items()}
@@ -79,7 +79,7 @@ class PackedSums:
         outer[:, columns, rows] = packed
         return GaussianAccumulator(grid_shape=self.grid_shape, count=self.count, outer=outer, **tensors)
 
-    def __iadd__(self, other: "PackedSums") -> "PackedSums":
+    def __iadd__(self, other: PackedSums) -> PackedSums:
         if other.grid_shape != self.grid_shape or other.tensors.keys() != self.tensors.keys():
             raise ValueError(f"sums of a {list(self.grid_shape)} and a {list(other.grid_shape)} grid do not add up")
         for name, value in self.tensors.items():

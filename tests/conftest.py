@@ -11,6 +11,7 @@ import random
 from pathlib import Path
 
 import pytest
+
 from support.paths import REPO_ROOT
 
 ORDERS = ("forward", "reverse", "random")

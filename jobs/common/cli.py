@@ -13,8 +13,9 @@ import dataclasses
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 from jobs.common.config import JobConfig, load_job_config
 from jobs.common.ray_runtime import under_job_submission

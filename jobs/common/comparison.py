@@ -5,8 +5,9 @@ folder. Written to `OUTPUT/comparison/` (report.md, comparison.csv, comparison.p
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from padim_core.errors import PadimError
 from padim_core.robustness import verdicts
@@ -71,10 +72,10 @@ def report_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
     titles = [title for title, _ in COLUMNS.values()]
     lines = [
         "# Detectors side by side", "",
-        "Per category and detector, from `metrics.json` (padim-fit) and `shift/results.json` (padim-shift, when it "
-        "ran): test-split accuracy, the threshold, fitting and scoring speed, the model file's size and the fit "
-        "task's peak memory; the last column lists the shifts that break each model, first first, with the severity "
-        "at which they do.", "",
+        ("Per category and detector, from `metrics.json` (padim-fit) and `shift/results.json` (padim-shift, when it "
+         "ran): test-split accuracy, the threshold, fitting and scoring speed, the model file's size and the fit "
+         "task's peak memory; the last column lists the shifts that break each model, first first, with the severity "
+         "at which they do."), "",
         "![figures per category and detector](comparison.png)", "",
         "| category | detector | " + " | ".join(titles) + " | breaks first |",
         "|---|---|" + "---|" * len(titles) + "---|",

@@ -4,8 +4,8 @@ score histogram and heatmaps of a sample of test images) and its line in the sum
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 

@@ -10,11 +10,12 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import ray
-import ray._private.ray_constants as ray_constants
+from ray._private import ray_constants
 
 from padim_core.errors import ConfigError, PadimError
 

@@ -18,9 +18,10 @@ import socket
 import time
 import traceback
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import ray
 from mlflow import MlflowClient
@@ -209,8 +210,8 @@ def run_job(job: PerCategoryJob) -> int:
         for unit in units:
             child_ids[unit] = tracking.start_child_run(
                 client, job.experiment_id, parent_id, unit.category, unit.detector, job.child_params(unit))
-            options = dict(num_cpus=resources.num_cpus, num_gpus=resources.num_gpus, max_retries=resources.max_retries,
-                           name=f"{job.name}-{unit.category}-{unit.detector}")
+            options = {"num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus,
+                       "max_retries": resources.max_retries, "name": f"{job.name}-{unit.category}-{unit.detector}"}
             pending[remote.options(**options).remote(job.request(unit, child_ids[unit], context))] = unit
         results: dict[Unit, TaskResult] = {}
         for unit, result in ray_runtime.as_completed(pending):

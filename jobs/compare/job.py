@@ -12,8 +12,8 @@ Exit 0: written; 2: nothing to compare (no metrics.json, or no successful fit).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from jobs.common import cli
 from jobs.common.comparison import comparison_rows, write_comparison

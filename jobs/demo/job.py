@@ -11,8 +11,8 @@ from __future__ import annotations
 import subprocess
 import sys
 import tarfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from jobs.common import cli
 from jobs.common.config import load_job_config
@@ -43,7 +43,7 @@ class StepFailed(PadimError):
 
 def _run(step: str, command: list[str]) -> None:
     print(f"\n== {step}: {' '.join(command)}", flush=True)
-    status = subprocess.run(command).returncode
+    status = subprocess.run(command, check=False).returncode
     if status != 0:
         raise StepFailed(f"{step} failed (exit {status})")
 

@@ -13,9 +13,10 @@ however many shards there are.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -76,7 +77,7 @@ class ShardStatistics:
     sums: PackedSums | None = None
     bank: torch.Tensor | None = None
 
-    def __iadd__(self, other: "ShardStatistics") -> "ShardStatistics":
+    def __iadd__(self, other: ShardStatistics) -> ShardStatistics:
         if other.grid_shape != self.grid_shape:
             raise ValueError(f"shards disagree on the patch grid: {list(self.grid_shape)} and {list(other.grid_shape)}")
         if self.sums is not None:

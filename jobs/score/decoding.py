@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import io
 import warnings
-from typing import Mapping
+from collections.abc import Mapping
 
 import pyarrow as pa
 from PIL import Image

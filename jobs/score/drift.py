@@ -11,9 +11,10 @@ alarm never changes a score or a decision.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -24,6 +25,7 @@ from jobs.common.tracking import metric_segment
 from padim_core.calibration import Calibration
 from padim_core.drift import DriftTest, drift_test, level_counts, levels_of_p_values
 from padim_core.safe_write import write_file
+
 
 @dataclass(frozen=True)
 class DriftResult:
@@ -114,9 +116,9 @@ def drift_lines(results: Sequence[DriftResult]) -> list[str]:
         for result in results
     ]
     widths = [max(len(cells[i]) for cells in [header, *rows]) for i in range(len(header))]
-    lines = [f"drift: do the images look like each model's calibration images? (mean p-value after dropping the "
-             f"smallest {test.trim:g}; up to {test.defect_share:g} defects allowed; alarm when the test's p-value < "
-             f"{test.alpha:g})"]
+    lines = [(f"drift: do the images look like each model's calibration images? (mean p-value after dropping the "
+              f"smallest {test.trim:g}; up to {test.defect_share:g} defects allowed; alarm when the test's p-value < "
+              f"{test.alpha:g})")]
     for cells in [header, tuple("-" * width for width in widths), *rows]:
         lines.append("  ".join(cell.ljust(width) if i in (0, 1, 5) else cell.rjust(width)
                                for i, (cell, width) in enumerate(zip(cells, widths))).rstrip())

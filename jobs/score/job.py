@@ -25,9 +25,10 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import pyarrow as pa
 import ray
@@ -37,8 +38,8 @@ from jobs.common import cli, ray_runtime, tracking
 from jobs.common.catalog import ModelEntry, ModelError, resolve_models
 from jobs.common.categories import category_problem
 from jobs.common.config import JobConfig, load_job_config
-from jobs.score import table as score_table
 from jobs.common.outputs import drift_file
+from jobs.score import table as score_table
 from jobs.score.drift import DriftCounter, drift_metrics, write_drift_file
 from jobs.score.output import MODES, OutputFolder
 from jobs.score.pipeline import (

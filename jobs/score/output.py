@@ -53,7 +53,7 @@ class OutputFolder:
     def lock_path(self) -> Path:
         return self.path.with_name(f".{self.path.name}.lock")
 
-    def check(self, schema: pa.Schema) -> "OutputFolder":
+    def check(self, schema: pa.Schema) -> OutputFolder:
         """Refuse an output that this mode cannot write (`OutputError`); cheap, takes nothing."""
         try:
             self._check(schema)
@@ -61,7 +61,7 @@ class OutputFolder:
             raise OutputError(f"output {self.path}: cannot prepare it ({error.strerror or error})") from None
         return self
 
-    def claim(self, schema: pa.Schema) -> "OutputFolder":
+    def claim(self, schema: pa.Schema) -> OutputFolder:
         """Check the output for this mode, take its lock, clean after dead jobs, create the staging
         folder. Raises `OutputError` (and holds nothing) when any of it cannot be done."""
         try:
@@ -134,7 +134,7 @@ class OutputFolder:
                 )
 
     def _take_lock(self) -> None:
-        lock = open(self.lock_path, "a+")
+        lock = open(self.lock_path, "a+")  # noqa: SIM115 (held open, and so locked, until the job ends)
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

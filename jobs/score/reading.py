@@ -7,8 +7,9 @@ and stay small instead of importing torch for nothing.
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from jobs.common.categories import category_problem
 from jobs.score.sources import Input, read_unit

@@ -170,9 +170,9 @@ def progress_line(tally: Tally, seconds: float) -> str:
 def format_summary(summary: ScoreSummary) -> str:
     tally = summary.tally
     lines = [
-        f"scored {tally.scored} images, {tally.errors} errors, {tally.skipped} non-image files skipped, "
-        f"in {summary.seconds:.1f} s ({summary.images_per_second:.1f} images/s; "
-        f"{summary.steady_images_per_second:.1f} images/s after {summary.first_rows[0]:.1f} s of start-up)",
+        (f"scored {tally.scored} images, {tally.errors} errors, {tally.skipped} non-image files skipped, "
+         f"in {summary.seconds:.1f} s ({summary.images_per_second:.1f} images/s; "
+         f"{summary.steady_images_per_second:.1f} images/s after {summary.first_rows[0]:.1f} s of start-up)"),
         "",
     ]
     header = ("category", "scored", "errors", "anomalous", "rate", "model")

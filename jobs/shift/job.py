@@ -19,9 +19,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import tempfile
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from jobs.common import cli, runner, tracking
 from jobs.common.catalog import is_registry, resolve_models

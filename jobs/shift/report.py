@@ -9,7 +9,8 @@ how far the image AUROC fell there.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from padim_core.robustness import FIGURES, verdicts
 from padim_core.shifts import SHIFTS
@@ -110,9 +111,9 @@ def report_markdown(
     a compared config, its summary, plot and a side-by-side table)."""
     lines = [
         "# Domain shift report", "",
-        f"Models: {source}. Seed {seed}; a shift *breaks* a category when the image or pixel AUROC falls more than "
-        f"{tolerance:g} below the unshifted figure (ranking), or the false-positive or false-negative rate at the "
-        f"calibrated threshold rises more than {tolerance:g} (threshold). Severity 0 is the unshifted test split.", "",
+        (f"Models: {source}. Seed {seed}; a shift *breaks* a category when the image or pixel AUROC falls more than "
+         f"{tolerance:g} below the unshifted figure (ranking), or the false-positive or false-negative rate at the "
+         f"calibrated threshold rises more than {tolerance:g} (threshold). Severity 0 is the unshifted test split."), "",
         "| shift | levels (severity 1, 2, ...) | unit |", "|---|---|---|",
     ]
     lines += [f"| {name} | {', '.join(f'{v:g}' for v in levels)} | {SHIFTS[name].unit} |" for name, levels in shifts.items()]
@@ -141,9 +142,10 @@ def report_markdown(
             first = next(row for row in other if row["severity"] == 0)
             lines += [
                 "", f"### Side by side: {label} / {compare['config']}", "",
-                f"Compared model {compare['model_uri']}. Unshifted: image AUROC {_number(first['image_auroc'])}, pixel AUROC "
-                f"{_number(first['pixel_auroc'])}; at its calibrated threshold ({_number(compare['threshold'])}) false-positive "
-                f"rate {_number(first['false_positive_rate'])}, false-negative rate {_number(first['false_negative_rate'])}.",
+                (f"Compared model {compare['model_uri']}. Unshifted: image AUROC {_number(first['image_auroc'])}, pixel "
+                 f"AUROC {_number(first['pixel_auroc'])}; at its calibrated threshold ({_number(compare['threshold'])}) "
+                 f"false-positive rate {_number(first['false_positive_rate'])}, false-negative rate "
+                 f"{_number(first['false_negative_rate'])}."),
                 "", f"{compare['config']}: {summary_sentence(other, tolerance)}", "",
             ]
             if title in plots:

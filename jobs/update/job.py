@@ -23,9 +23,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Sequence
 
 from mlflow import MlflowClient
 
@@ -44,7 +44,13 @@ from padim_core.evaluate import evaluate_category
 from padim_core.loader import image_batches
 from padim_core.manifest import SplitManifest, file_sha256, read_manifest
 from padim_core.safe_write import write_file
-from padim_core.statistics import check_compatible, embedding_differences, encode_statistics, fingerprint, read_statistics
+from padim_core.statistics import (
+    check_compatible,
+    embedding_differences,
+    encode_statistics,
+    fingerprint,
+    read_statistics,
+)
 
 CANDIDATES = "candidates"
 """OUTPUT/candidates/: updated models that were not promoted (same layout as OUTPUT)."""

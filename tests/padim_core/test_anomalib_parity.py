@@ -5,6 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+
+from padim_core import patchcore
+from padim_core.anomaly_map import resize_and_blur_matrix
+from padim_core.datasets import MvtecCategory
+from padim_core.nearest import nearest
+from padim_core.padim import PadimModel
+from padim_core.patchcore import PatchcoreModel
+
 from support.anomalib_reference import (
     ANOMALIB_REGULARIZATION,
     anomalib_fit,
@@ -14,13 +22,6 @@ from support.anomalib_reference import (
     anomalib_predict,
     upsample_bilinearly,
 )
-
-from padim_core import patchcore
-from padim_core.anomaly_map import resize_and_blur_matrix
-from padim_core.datasets import MvtecCategory
-from padim_core.nearest import nearest
-from padim_core.padim import PadimModel
-from padim_core.patchcore import PatchcoreModel
 
 LAYERS = ["blocks.1", "blocks.2", "blocks.4"]
 PATCHCORE_LAYERS = ["blocks.2", "blocks.4"]

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support.models import pixels
 
 from padim_core.augmentation import PhotometricAugmentation
+
+from support.models import pixels
 
 
 def test_no_copies_pass_the_batches_through_untouched():

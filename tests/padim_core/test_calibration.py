@@ -10,7 +10,6 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
-from support.paths import DEMO_CONFIG
 
 from jobs.common.config import JOB_SECTIONS
 from padim_core.calibration import (
@@ -28,6 +27,8 @@ from padim_core.demo_data import build_demo_dataset
 from padim_core.errors import ConfigError, ModelFileError
 from padim_core.evaluate import fit_detector
 from padim_core.scoring import score_all
+
+from support.paths import DEMO_CONFIG
 
 
 def test_anomalous_means_strictly_above_the_threshold() -> None:

@@ -8,7 +8,6 @@ import inspect
 
 import pytest
 import yaml
-from support.paths import CONFIGS
 
 from jobs.common.config import JOB_SECTIONS
 from padim_core.augmentation import PhotometricAugmentation
@@ -25,6 +24,8 @@ from padim_core.config import (
 from padim_core.detector import KINDS, detector_class
 from padim_core.errors import ConfigError, PadimError
 from padim_core.padim import PadimModel
+
+from support.paths import CONFIGS
 
 """Top-level keys of the config files that the jobs read, not padim_core."""
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from support.models import SIZE, pixels, rewrite_model_file
 
 from padim_core import detector as detector_module
 from padim_core.calibration import Calibration
@@ -18,6 +17,8 @@ from padim_core.detector import (
 )
 from padim_core.errors import ModelFileError
 from padim_core.padim import PadimModel
+
+from support.models import SIZE, pixels, rewrite_model_file
 
 
 class OtherKind(PadimModel):

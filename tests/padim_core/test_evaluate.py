@@ -8,12 +8,13 @@ import subprocess
 import sys
 
 import pytest
-from support.paths import DEMO_CONFIG
 
 from padim_core.config import load_config
 from padim_core.datasets import MvtecCategory
 from padim_core.demo_data import build_demo_dataset
 from padim_core.evaluate import evaluate_category, main
+
+from support.paths import DEMO_CONFIG
 
 REPORTED = {
     "image_auroc", "pixel_auroc", "aupro", "threshold", "false_alarm_rate", "realised_false_alarm_rate", "recall",

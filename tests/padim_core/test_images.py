@@ -10,11 +10,12 @@ import pytest
 import tifffile
 import torch
 from PIL import Image
-from support.images import encode, noise_png
 
 from padim_core.errors import ImageDecodeError, PadimError
 from padim_core.image_files import IMAGE_SUFFIXES, is_image_name
 from padim_core.images import ImageTransform, decode_image, load_mask
+
+from support.images import encode, noise_png
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)

@@ -11,10 +11,6 @@ import pytest
 import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
-from support.images import noise_png
-from support.models import images
-from support.models import model_metadata as metadata_of
-from support.models import rewrite_model_file as rewrite
 
 from padim_core.errors import ModelFileError, PadimError
 from padim_core.model_file import (
@@ -25,6 +21,11 @@ from padim_core.model_file import (
     write_model_file,
 )
 from padim_core.padim import PadimModel
+
+from support.images import noise_png
+from support.models import images
+from support.models import model_metadata as metadata_of
+from support.models import rewrite_model_file as rewrite
 
 CALIBRATION = {"method": "fixed", "threshold": 1.0, "false_alarm_rate": None, "count": 2, "scores": [0.5, 0.9]}
 

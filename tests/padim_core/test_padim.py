@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from support.models import SIZE, fit_tiny_padim, images
 
 from padim_core.augmentation import PhotometricAugmentation
 from padim_core.calibration import Calibration
 from padim_core.gaussian import GaussianAccumulator
 from padim_core.padim import PadimModel
+
+from support.models import SIZE, fit_tiny_padim, images
 
 
 @pytest.fixture(scope="module")

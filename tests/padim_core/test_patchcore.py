@@ -10,6 +10,13 @@ import struct
 import pytest
 import torch
 import torch.nn.functional as F
+
+from padim_core.anomaly_map import MapResizer
+from padim_core.detector import load_detector
+from padim_core.errors import ModelFileError
+from padim_core.padim import PadimModel
+from padim_core.patchcore import BANK_DTYPE, PatchcoreModel
+
 from support.models import (
     SIZE,
     fit_tiny_patchcore,
@@ -19,12 +26,6 @@ from support.models import (
     rewrite_model_file,
     tiny_patchcore,
 )
-
-from padim_core.anomaly_map import MapResizer
-from padim_core.detector import load_detector
-from padim_core.errors import ModelFileError
-from padim_core.padim import PadimModel
-from padim_core.patchcore import BANK_DTYPE, PatchcoreModel
 
 CHANNELS = 128 + 256
 """resnet18's layer2 and layer3."""

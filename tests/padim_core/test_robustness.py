@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from support.paths import DEMO_CONFIG
 
 from jobs.common.config import JOB_SECTIONS
 from padim_core.config import load_config
@@ -18,6 +17,8 @@ from padim_core.robustness import (
     load_test_split,
     split_figures,
 )
+
+from support.paths import DEMO_CONFIG
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+from jobs.common.config import JOB_SECTIONS
+from padim_core.config import load_config
+from padim_core.shifts import apply_shift
+
 from support.robustness_runs import (
     Data,
     Group,
@@ -20,10 +25,6 @@ from support.robustness_runs import (
     load_data,
     shifted_splits,
 )
-
-from jobs.common.config import JOB_SECTIONS
-from padim_core.config import load_config
-from padim_core.shifts import apply_shift
 
 pytestmark = pytest.mark.slow
 

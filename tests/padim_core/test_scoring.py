@@ -8,8 +8,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from support.images import encode, noise_png
-from support.models import SIZE, pixels
 
 from padim_core.calibration import Calibration
 from padim_core.detector import load_detector
@@ -21,6 +19,9 @@ from padim_core.scoring import (
     score_batch,
     score_files,
 )
+
+from support.images import encode, noise_png
+from support.models import SIZE, pixels
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,8 @@ from padim_core.statistics import (
     write_statistics,
 )
 
-SETTINGS = dict(backbone="efficientnet_lite0", layers=["blocks.1", "blocks.2"], n_features=24, image_size=64, device="cpu")
+SETTINGS = {"backbone": "efficientnet_lite0", "layers": ["blocks.1", "blocks.2"], "n_features": 24, "image_size": 64,
+            "device": "cpu"}
 
 
 def batches(model: PadimModel, images: list[Path]):

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterable
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -82,7 +83,7 @@ def anomalib_patchcore_fit(model: AnomalibPatchcore, batches: Iterable[torch.Ten
     return model.eval()
 
 
-def upsample_bilinearly(monkeypatch: "pytest.MonkeyPatch") -> None:
+def upsample_bilinearly(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make anomalib's PatchCore maps upsample the patch scores bilinearly (the paper's and ours)
     instead of with its nearest-neighbour `F.interpolate` default; the blur is unchanged."""
     def compute_anomaly_map(self, patch_scores: torch.Tensor, image_size=None) -> torch.Tensor:

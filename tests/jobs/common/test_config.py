@@ -6,7 +6,6 @@ import dataclasses
 
 import pytest
 import yaml
-from support.paths import CONFIGS, DEMO_CONFIG
 
 from jobs.common.config import (
     JOB_SECTIONS,
@@ -18,6 +17,8 @@ from jobs.common.config import (
 )
 from padim_core.config import ExperimentConfig, config_from_dict, load_config
 from padim_core.errors import ConfigError
+
+from support.paths import CONFIGS, DEMO_CONFIG
 
 
 def test_defaults_without_a_file():

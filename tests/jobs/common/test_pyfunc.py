@@ -10,13 +10,14 @@ import mlflow
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
-from support.images import noise_png
-from support.tracking import version_files
 
 from jobs.common import tracking
 from jobs.common.pyfunc import MODEL_ARTIFACT, log_pyfunc_model
 from padim_core.calibration import Calibration
 from padim_core.padim import PadimModel
+
+from support.images import noise_png
+from support.tracking import version_files
 
 
 def test_pyfunc_model_is_code_not_pickle_and_scores_paths_and_bytes(

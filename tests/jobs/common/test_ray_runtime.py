@@ -6,12 +6,13 @@ import socket
 import time
 
 import pytest
-from support.servers import free_port
 
 from jobs.common import ray_runtime
 from jobs.common.config import TasksConfig
 from jobs.common.ray_runtime import ClusterError
 from padim_core.errors import ConfigError, PadimError
+
+from support.servers import free_port
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support.servers import free_port
 
 from jobs.common import runner, tracking
 from jobs.common.config import load_job_config
@@ -22,6 +21,8 @@ from jobs.common.runner import (
     select_categories,
 )
 from padim_core.errors import ConfigError, DatasetError
+
+from support.servers import free_port
 
 
 def test_select_categories(tmp_path: Path) -> None:

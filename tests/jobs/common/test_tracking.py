@@ -10,8 +10,6 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
-from support.paths import DEMO_CONFIG
-from support.servers import free_port
 
 from jobs.common import tracking
 from jobs.common.config import load_job_config
@@ -19,6 +17,9 @@ from padim_core.datasets import MvtecCategory
 from padim_core.demo_data import build_demo_dataset
 from padim_core.errors import PadimError
 from padim_core.manifest import split_by_fraction
+
+from support.paths import DEMO_CONFIG
+from support.servers import free_port
 
 
 def test_tracking_uri_prefers_config_then_environment_then_sqlite_in_output(tmp_path: Path) -> None:

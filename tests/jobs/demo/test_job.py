@@ -8,11 +8,12 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from support.paths import DEMO_CONFIG
 
 from jobs.demo import job as demo
 from padim_core.datasets import MvtecCategory
 from padim_core.demo_data import build_demo_dataset
+
+from support.paths import DEMO_CONFIG
 
 
 @pytest.fixture(scope="module")

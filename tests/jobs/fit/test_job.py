@@ -9,8 +9,6 @@ from pathlib import Path
 import pytest
 import ray
 from mlflow import MlflowClient
-from support.paths import DEMO_CONFIG
-from support.servers import free_port
 
 from jobs.common import runner, tracking
 from jobs.common.config import load_job_config
@@ -20,6 +18,9 @@ from padim_core.datasets import MvtecCategory
 from padim_core.demo_data import build_demo_dataset
 from padim_core.padim import PadimModel
 from padim_core.statistics import read_statistics
+
+from support.paths import DEMO_CONFIG
+from support.servers import free_port
 
 
 def result(category: str, status: str = OK, error: str | None = None, seconds: float | None = None,

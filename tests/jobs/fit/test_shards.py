@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ SETTINGS = ["padim.image_size=64", "padim.layers=[blocks.1, blocks.2]", "padim.n
 def test_shard_count_and_split() -> None:
     assert shard_count("auto", 10, 4) == 1 and shard_count("auto", 10_000, 32) == 3 and shard_count(4, 5, 2) == 3
     parts = split([Path(str(i)) for i in range(15)], 3, 2)  # 8 batches of 2 (the last of 1): 3, 3, 2 batches
-    assert [len(part) for part in parts] == [6, 6, 3] and sum(parts, []) == [Path(str(i)) for i in range(15)]
+    assert [len(part) for part in parts] == [6, 6, 3] and list(itertools.chain.from_iterable(parts)) == [Path(str(i)) for i in range(15)]
 
 
 def test_a_sharded_padim_fit_equals_the_single_task_fit_for_any_split(mvtec_root: Path, ray_session: None) -> None:

@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from support.images import bottle_photos
 
 from padim_core.calibration import Calibration
 from padim_core.padim import PadimModel
+
+from support.images import bottle_photos
 
 SIZE = 64
 

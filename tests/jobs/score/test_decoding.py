@@ -7,10 +7,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from PIL import Image
-from support.images import broken_images, encode, odd_images
 
 from jobs.score.decoding import DECODED_SCHEMA, decode_batch, original_size
 from padim_core.images import ImageTransform
+
+from support.images import broken_images, encode, odd_images
 
 
 def batch(items: dict[str, bytes], category: str = "bottle") -> pa.Table:

@@ -24,15 +24,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from mlflow import MlflowClient
-from support.images import bottle_photos, broken_images, odd_images
-from support.paths import BIN, REPO_ROOT
-from support.servers import kill_processes, wait_for_line
 
 from jobs.common import tracking
 from jobs.common.config import load_job_config
 from jobs.common.pyfunc import log_pyfunc_model
 from jobs.score.job import ScoreRequest, prepare, run, score
 from padim_core.padim import PadimModel
+
+from support.images import bottle_photos, broken_images, odd_images
+from support.paths import BIN, REPO_ROOT
+from support.servers import kill_processes, wait_for_line
 
 pytestmark = pytest.mark.slow
 

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 import ray
-from support.servers import free_port
 
 from jobs.common.config import load_job_config
 from jobs.score.job import ScoreRequest, main, prepare
+
+from support.servers import free_port
 
 
 def test_error_mode_refuses_an_existing_output_and_leaves_it_alone(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -9,7 +9,6 @@ import pyarrow as pa
 import pytest
 import torch
 from PIL import Image
-from support.models import SIZE, pixels
 
 from jobs.score import pipeline
 from jobs.score.decoding import DECODED_SCHEMA
@@ -19,6 +18,8 @@ from padim_core.calibration import Calibration
 from padim_core.errors import ConfigError
 from padim_core.padim import PadimModel
 from padim_core.scoring import score_batch
+
+from support.models import SIZE, pixels
 
 
 def test_pool_plan_shares_cpus_with_the_decoders_and_checks_gpus() -> None:

@@ -11,14 +11,15 @@ from pathlib import Path
 import pyarrow.csv as pacsv
 import pytest
 from mlflow import MlflowClient
-from support.paths import BIN, DEMO_CONFIG
-from support.servers import local_env
 
 from jobs.common.config import load_job_config
 from jobs.common.runner import FAILED, Unit
 from jobs.shift import job as shift
 from jobs.shift import report as shift_report
 from padim_core.demo_data import build_demo_dataset
+
+from support.paths import BIN, DEMO_CONFIG
+from support.servers import local_env
 
 FAST = ["--set", "padim.image_size=64", "--set", "fit.heatmap_examples=0", "--set", "data.batch_size=8"]
 SHIFTS = ["--set", "shift.shifts={blur: [2, 12], noise: [0.05]}", "--set", "shift.seed=1"]

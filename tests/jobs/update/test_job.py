@@ -11,8 +11,6 @@ from pathlib import Path
 
 import pytest
 import ray
-from support.paths import BIN, DEMO_CONFIG, REPO_ROOT
-from support.servers import Cluster, running_cluster
 
 from jobs.common.catalog import model_path, statistics_path
 from jobs.common.config import load_job_config
@@ -21,6 +19,9 @@ from padim_core.datasets import MvtecCategory
 from padim_core.demo_data import build_demo_dataset
 from padim_core.loader import image_batches
 from padim_core.statistics import write_statistics
+
+from support.paths import BIN, DEMO_CONFIG, REPO_ROOT
+from support.servers import Cluster, running_cluster
 
 SMALL = ["padim.image_size=32", "padim.layers=[blocks.1, blocks.2]", "padim.n_features=16"]
 
