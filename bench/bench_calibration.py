@@ -47,6 +47,7 @@ import json
 import os
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -68,8 +69,7 @@ from padim_core.datasets import MvtecCategory
 from padim_core.demo_data import TEXTURE_TINTS, build_demo_dataset
 from padim_core.drift import drift_test, level_counts
 from padim_core.evaluate import fit_detector
-from padim_core.loader import iter_image_batches
-from padim_core.robustness import TestSplit, load_test_split, score_variant, split_figures
+from padim_core.robustness import TestSplit, decode_images, load_test_split, score_variant, split_figures
 from padim_core.scoring import score_all
 
 REPO = Path(__file__).resolve().parents[1]
@@ -135,7 +135,7 @@ def guarantee(bottle: Path, cache: dict[str, np.ndarray], resplits: int) -> list
 # ---------------------------------------------------------------------------------- alarm
 def normal_split(paths: list[Path], transform: Any, batch_size: int, workers: int) -> TestSplit:
     """Normal images (no masks) decoded once, to score under every shift like the test split."""
-    images = torch.cat([batch for _, batch in iter_image_batches(paths, transform.to_pixels, batch_size, workers)])
+    images = decode_images(paths, transform, batch_size, workers)
     count = len(images)
     return TestSplit(images, torch.zeros((count, *images.shape[-2:]), dtype=torch.bool),
                      np.zeros(count, dtype=np.int64), np.ones(count, dtype=bool))
@@ -152,11 +152,11 @@ def shifted_scores(bottle: Path, cache: dict[str, np.ndarray], config: Any) -> t
         rate, _ = resolve_false_alarm_rate(config.calibration.false_alarm_rate, len(split.calibration))
         started = time.perf_counter()
         fit_detector(model, split.paths("fit"), config.data.batch_size, config.data.num_workers)
-        normal, _ = score_all(model, split.paths("calibration"), config.data.batch_size, config.data.num_workers)
-        model.calibrate(Calibration.conformal(normal, rate))
-        test = load_test_split(category, model.transform, config.data.batch_size, config.data.num_workers)
         held_out = normal_split(split.paths("calibration"), model.transform, config.data.batch_size,
                                 config.data.num_workers)
+        normal = score_variant(model, held_out, config.data.batch_size)[0]
+        model.calibrate(Calibration.conformal(normal, rate))
+        test = load_test_split(category, model.transform, config.data.batch_size, config.data.num_workers)
         cache["calibration"], cache["rate"], cache["labels"] = normal, np.array(rate), test.labels
         variants = [(None, 0, 0.0)] + [(shift, severity, level) for shift in PHOTOMETRIC
                                         for severity, level in enumerate(config.shift.shifts[shift], start=1)]
@@ -167,7 +167,7 @@ def shifted_scores(bottle: Path, cache: dict[str, np.ndarray], config: Any) -> t
             cache[f"scores/{shift}/{severity}"] = scores
             cache[f"figures/{shift}/{severity}"] = np.array(
                 [level, *(np.nan if figures[key] is None else figures[key] for key in FIGURE_KEYS)])
-            cache[f"held_out/{shift}/{severity}"] = score_variant(
+            cache[f"held_out/{shift}/{severity}"] = normal if shift is None else score_variant(
                 model, held_out, config.data.batch_size, shift=shift, level=level, severity=severity,
                 seed=shift_seed + 1)[0]
         print(f"bottle: model fitted, {len(variants)} variants of {len(test)} test and {len(held_out)} "
@@ -182,9 +182,7 @@ FIGURE_KEYS = ("image_auroc", "pixel_auroc", "false_positive_rate", "false_negat
 def rings(calibration: Calibration, scores: np.ndarray, settings: DriftConfig, seed: int) -> bool:
     """Whether the drift test with `settings` (jobs.score's defaults) alarms on a batch's scores."""
     counts = level_counts(calibration.exceeding(scores), calibration.count)
-    return drift_test(counts, calibration.count, trim=settings.trim, defect_share=settings.defect_share,
-                      alpha=settings.alpha, draws=settings.draws, seed=settings.seed + seed,
-                      min_images=settings.min_images).alarm
+    return replace(settings, seed=settings.seed + seed).test(counts, calibration.count).alarm
 
 
 def draw_batch(rng: np.random.Generator, normal: np.ndarray, defective: np.ndarray) -> np.ndarray:

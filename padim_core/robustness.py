@@ -53,13 +53,17 @@ class ShiftFigures:
     false_negative_rate: float | None
 
 
+def decode_images(paths: Sequence[Any], transform: ImageTransform, batch_size: int, workers: int) -> torch.Tensor:
+    """`[N, 3, H, W]` uint8 pixels of `paths` as `transform` sizes them, decoded once to be shifted many times."""
+    return torch.cat([batch for _, batch in iter_image_batches(paths, transform.to_pixels, batch_size, workers)])
+
+
 def load_test_split(category: MvtecCategory, transform: ImageTransform, batch_size: int, workers: int) -> TestSplit:
     """The test split of `category` as `transform` sizes it, in `test_samples` order."""
     samples = list(category.test_samples)
     if not samples:
         raise DatasetError(f"category {category.name!r} has no test images under {category.root / 'test'}")
-    paths = [s.path for s in samples]
-    images = torch.cat([batch for _, batch in iter_image_batches(paths, transform.to_pixels, batch_size, workers)])
+    images = decode_images([s.path for s in samples], transform, batch_size, workers)
     masks = torch.from_numpy(np.stack([load_mask(s.mask_path, transform.image_size) for s in samples]))
     labels = np.array([s.label for s in samples], dtype=np.int64)
     judged = (labels == 0) | np.array([s.mask_path is not None for s in samples])

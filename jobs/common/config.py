@@ -22,7 +22,15 @@ from padim_core.config import (
     config_from_dict,
     read_values,
 )
-from padim_core.drift import DEFAULT_ALPHA, DEFAULT_DEFECT_SHARE, DEFAULT_DRAWS, DEFAULT_MIN_IMAGES, DEFAULT_TRIM
+from padim_core.drift import (
+    DEFAULT_ALPHA,
+    DEFAULT_DEFECT_SHARE,
+    DEFAULT_DRAWS,
+    DEFAULT_MIN_IMAGES,
+    DEFAULT_TRIM,
+    DriftTest,
+    drift_test,
+)
 from padim_core.errors import ConfigError
 
 # MLflow's rules for registered-model aliases (mlflow.utils.validation): "latest" and "v<N>"
@@ -138,6 +146,11 @@ class DriftConfig(Section):
         self._check("min_images", check_int, 1)
         self._check("draws", check_int, 1)
         self._check("seed", check_int, 0)
+
+    def test(self, counts: Any, calibration_count: int) -> DriftTest:
+        """The drift test with these settings on one batch's level counts (`padim_core.drift`)."""
+        return drift_test(counts, calibration_count, trim=self.trim, defect_share=self.defect_share, alpha=self.alpha,
+                          draws=self.draws, seed=self.seed, min_images=self.min_images)
 
 
 @dataclass(frozen=True)

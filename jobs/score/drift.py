@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 from jobs.common.outputs import drift_file
 from jobs.common.tracking import metric_segment
 from padim_core.calibration import Calibration
-from padim_core.drift import DriftTest, drift_test, level_counts, levels_of_p_values
+from padim_core.drift import DriftTest, level_counts, levels_of_p_values
 from padim_core.safe_write import write_file
 
 
@@ -78,16 +78,11 @@ class DriftCounter:
                 found.append(DriftResult(category, None, None, test))
                 continue
             total = sum(by_input.values(), np.zeros(calibration.count + 1, dtype=np.int64))
-            found.append(DriftResult(category, None, None, _test(total, calibration.count, settings)))
+            found.append(DriftResult(category, None, None, settings.test(total, calibration.count)))
             if len(inputs) > 1:
-                found += [DriftResult(category, inputs[index], index, _test(counts, calibration.count, settings))
+                found += [DriftResult(category, inputs[index], index, settings.test(counts, calibration.count))
                           for index, counts in by_input.items()]
         return found
-
-
-def _test(counts: np.ndarray, count: int, settings: Any) -> DriftTest:
-    return drift_test(counts, count, trim=settings.trim, defect_share=settings.defect_share, alpha=settings.alpha,
-                      draws=settings.draws, seed=settings.seed, min_images=settings.min_images)
 
 
 # ------------------------------------------------------------------------------ reporting
